@@ -1,0 +1,123 @@
+"""Top-level header fields of a raw message: locate them, read the control headers, strip them.
+
+Works on the original bytes and never re-generates a header: removing a control header deletes
+exactly its lines (continuations included) and leaves every other byte where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, fields
+from email.header import decode_header, make_header
+
+from clickrelay.config import HeaderNames
+
+_FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_TRUE = frozenset({"yes", "true", "1"})
+MAX_VALUE_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    name: str  # lower-cased field name
+    start: int  # offset of the first byte of the field
+    end: int  # offset just past its last line ending (continuation lines included)
+
+
+@dataclass(frozen=True)
+class HeaderBlock:
+    fields: tuple[HeaderField, ...]
+    body_start: int  # first byte after the blank line (or of the body, if the line is missing)
+
+    def first(self, name: str) -> HeaderField | None:
+        name = name.lower()
+        return next((f for f in self.fields if f.name == name), None)
+
+
+def parse_header_block(raw: bytes, start: int = 0, end: int | None = None) -> HeaderBlock:
+    """Find the header fields of the entity at raw[start:end].
+
+    The block ends at the first empty line, or, for mail that lacks it, at the first line that is
+    neither a field nor a continuation (the body then starts on that line).
+    """
+    found: list[HeaderField] = []
+    pos, size = start, len(raw) if end is None else end
+    while pos < size:
+        eol = raw.find(b"\n", pos, size)
+        line_end = size if eol < 0 else eol + 1
+        line = raw[pos:line_end].rstrip(b"\r\n")
+        if not line:
+            return HeaderBlock(tuple(found), line_end)
+        if line[:1] in (b" ", b"\t") and found:
+            found[-1] = HeaderField(found[-1].name, found[-1].start, line_end)
+        elif match := _FIELD_START.match(line):
+            found.append(HeaderField(match.group(1).decode("ascii").lower(), pos, line_end))
+        else:
+            return HeaderBlock(tuple(found), pos)
+        pos = line_end
+    return HeaderBlock(tuple(found), size)
+
+
+def field_value(raw: bytes, header: HeaderField) -> str:
+    """The unfolded, RFC 2047-decoded value of a field (8-bit bytes read as UTF-8)."""
+    data = raw[header.start : header.end]
+    data = _FOLD.sub(b"", data[data.index(b":") + 1 :]).strip()
+    text = data.decode("utf-8", "replace")
+    if "=?" in text:
+        with contextlib.suppress(ValueError, LookupError, UnicodeError):  # keep a broken word raw
+            text = str(make_header(decode_header(text)))
+    return text
+
+
+def remove_fields(raw: bytes, block: HeaderBlock, names: frozenset[str]) -> bytes:
+    """`raw` without the top-level fields named in `names` (lower-case); all else byte-identical."""
+    doomed = [f for f in block.fields if f.name in names]
+    if not doomed:
+        return raw
+    pieces, pos = [], 0
+    for header in doomed:
+        pieces.append(raw[pos : header.start])
+        pos = header.end
+    pieces.append(raw[pos:])
+    return b"".join(pieces)
+
+
+@dataclass(frozen=True)
+class ControlHeaders:
+    """What the sending system told us about this message, from the control headers."""
+
+    campaign_id: str | None = None
+    campaign_name: str | None = None
+    campaign_type: str = "standard"
+    contact_id: str | None = None
+    contact_email: str | None = None
+    track_clicks: bool = False
+    test_send: bool = False
+
+
+def control_field_names(names: HeaderNames) -> frozenset[str]:
+    return frozenset(getattr(names, f.name).lower() for f in fields(names))
+
+
+def read_control_headers(raw: bytes, block: HeaderBlock, names: HeaderNames) -> ControlHeaders:
+    values = {}
+    for spec in fields(names):
+        header = block.first(getattr(names, spec.name))
+        if header is not None:
+            values[spec.name] = _clean(field_value(raw, header))
+    return ControlHeaders(
+        campaign_id=values.get("campaign_id") or None,
+        campaign_name=values.get("campaign_name") or None,
+        campaign_type=(values.get("campaign_type") or "standard").lower(),
+        contact_id=values.get("contact_id") or None,
+        contact_email=values.get("contact_email") or None,
+        track_clicks=values.get("track_clicks", "").lower() in _TRUE,
+        test_send=values.get("test_send", "").lower() in _TRUE,
+    )
+
+
+def _clean(text: str) -> str:
+    return _CONTROL_CHARS.sub("", text).strip()[:MAX_VALUE_LENGTH]

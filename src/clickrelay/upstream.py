@@ -1,0 +1,326 @@
+"""The real mail server behind the relay: an SMTP server (via aiosmtplib) or a local Maildir.
+
+An upstream hands out one `Transaction` per client transaction. Every step returns the
+upstream's `Reply` (or a 4xx `Reply` when the upstream could not be reached or timed out), so the
+relay can mirror it to its client: nothing is ever acknowledged that the upstream did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from clickrelay.config import UpstreamSettings
+
+log = logging.getLogger(__name__)
+
+IDLE_CONNECTIONS = 8  # kept open between transactions, like Postfix's connection cache
+IDLE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def unavailable(problem: str) -> Reply:
+    """The reply for an upstream that cannot answer: the sender keeps the message and retries."""
+    return Reply(451, f"4.4.1 Upstream unavailable, try again later ({problem})")
+
+
+class Transaction(Protocol):
+    async def rcpt(self, address: str, options: list[str]) -> Reply: ...
+
+    async def data(self, message: bytes) -> Reply: ...
+
+    async def finish(self, *, aborted: bool) -> None:
+        """End the transaction: release the connection, or reset/close it if aborted."""
+
+
+class Upstream(Protocol):
+    async def begin(
+        self, sender: str, options: list[str], smtputf8: bool
+    ) -> tuple[Reply, Transaction | None]:
+        """Start a transaction (MAIL FROM): the reply and, if it was 2xx, the transaction."""
+
+    async def close(self) -> None: ...
+
+
+def create_upstream(settings: UpstreamSettings, local_hostname: str) -> Upstream:
+    if settings.url.scheme == "maildir":
+        assert settings.url.path is not None
+        return MaildirUpstream(settings.url.path)
+    return SmtpUpstream(settings, local_hostname)
+
+
+# ---------------------------------------------------------------- SMTP
+
+
+class SmtpUpstream:
+    def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
+        self.settings = settings
+        self.local_hostname = local_hostname
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._tls_context = _client_tls_context(settings) if settings.url.scheme != "smtp" else None
+
+    async def begin(
+        self, sender: str, options: list[str], smtputf8: bool
+    ) -> tuple[Reply, Transaction | None]:
+        encoding = "utf-8" if smtputf8 else "ascii"
+        while True:
+            conn, reused = self._take_idle(), True
+            if conn is None:
+                reused = False
+                try:
+                    conn = await self._connect()
+                except _FAILURES as exc:
+                    log.warning("upstream %s unreachable: %s", self.settings.url, _describe(exc))
+                    return unavailable(_describe(exc)), None
+            try:
+                await conn.mail(sender, options=options, encoding=encoding)
+            except aiosmtplib.SMTPSenderRefused as exc:
+                self._release(conn)
+                return _mirrored(exc.code, exc.message), None
+            except UnicodeEncodeError:
+                self._release(conn)
+                return Reply(553, "5.6.7 Address cannot be encoded"), None
+            except _FAILURES as exc:
+                conn.close()
+                if reused:  # a cached connection the server closed meanwhile: try a fresh one
+                    continue
+                return unavailable(_describe(exc)), None
+            return Reply(250, "2.1.0 Ok"), SmtpTransaction(self, conn, encoding)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        url, conf = self.settings.url, self.settings
+        conn = aiosmtplib.SMTP(
+            hostname=url.host,
+            port=url.port,
+            local_hostname=self.local_hostname,
+            timeout=conf.timeout_seconds,
+            use_tls=url.scheme == "smtps",
+            start_tls=url.scheme == "smtp+starttls",
+            tls_context=self._tls_context,
+            username=conf.username,
+            password=conf.password,
+        )
+        await conn.connect()
+        return conn
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            conn, since = self._idle.pop()
+            if conn.is_connected and now - since < IDLE_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, conn: aiosmtplib.SMTP) -> None:
+        if conn.is_connected and len(self._idle) < IDLE_CONNECTIONS:
+            self._idle.append((conn, time.monotonic()))
+        else:
+            conn.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            try:
+                await asyncio.wait_for(conn.quit(), 2)
+            except (*_FAILURES, aiosmtplib.SMTPResponseException):
+                conn.close()
+
+
+class SmtpTransaction:
+    def __init__(self, upstream: SmtpUpstream, conn: aiosmtplib.SMTP, encoding: str) -> None:
+        self.upstream = upstream
+        self.conn = conn
+        self.encoding = encoding
+        self.broken = False
+
+    async def rcpt(self, address: str, options: list[str]) -> Reply:
+        try:
+            await self.conn.rcpt(address, options=options, encoding=self.encoding)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            return _mirrored(exc.code, exc.message)
+        except UnicodeEncodeError:
+            return Reply(553, "5.6.7 Address cannot be encoded")
+        except _FAILURES as exc:
+            self.broken = True
+            return unavailable(_describe(exc))
+        return Reply(250, "2.1.5 Ok")
+
+    async def data(self, message: bytes) -> Reply:
+        """Send DATA and the message; the answer is the upstream's reply to the final dot.
+
+        The message is dot-stuffed in one pass and written without aiosmtplib's extra copies,
+        so a 30 MB message costs about one more copy of itself in memory.
+        """
+        timeout = self.upstream.settings.timeout_seconds
+        try:
+            start = await self.conn.execute_command(b"DATA", timeout=timeout)
+            if start.code != 354:
+                return _mirrored(start.code, start.message)
+            protocol = self.conn.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            protocol.write(dot_stuff(message))
+            protocol.write(b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n")
+            reply = await protocol.read_response(timeout=timeout)
+        except _FAILURES as exc:
+            self.broken = True
+            return unavailable(_describe(exc))
+        except asyncio.CancelledError:  # our client went away mid-transfer: never reuse this
+            self.broken = True
+            raise
+        if reply.code == 421:
+            self.broken = True
+        return Reply(reply.code, _one_line(reply.message))
+
+    async def finish(self, *, aborted: bool) -> None:
+        if self.broken or not self.conn.is_connected:
+            self.conn.close()
+            return
+        if aborted:
+            try:
+                await self.conn.rset(timeout=self.upstream.settings.timeout_seconds)
+            except (*_FAILURES, aiosmtplib.SMTPResponseException):
+                self.conn.close()
+                return
+        self.upstream._release(self.conn)
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """SMTP transparency (RFC 5321 4.5.2), with bare CR or LF line ends made CRLF for the wire."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _LINE_END.sub(b"\r\n", message)
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_FAILURES = (
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPConnectError,
+    aiosmtplib.SMTPTimeoutError,
+    aiosmtplib.SMTPConnectResponseError,
+    aiosmtplib.SMTPAuthenticationError,
+    aiosmtplib.SMTPHeloError,
+    aiosmtplib.SMTPNotSupported,
+    TimeoutError,
+    OSError,
+    ssl.SSLError,
+)
+
+
+def _mirrored(code: int, text: str) -> Reply:
+    """The upstream's own answer, except that a 421 (it is closing on us) becomes a 451."""
+    if code == 421 or not 200 <= code < 600:
+        return unavailable(f"{code} {_one_line(text)}")
+    return Reply(code, _one_line(text))
+
+
+def _one_line(text: str) -> str:
+    clean = " ".join(text.split())
+    return clean.encode("ascii", "replace").decode("ascii") or "(no text)"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {_one_line(exc.message)}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _client_tls_context(settings: UpstreamSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if not settings.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# ---------------------------------------------------------------- Maildir
+
+
+class MaildirUpstream:
+    """Delivers into a Maildir (tmp/ then rename into new/): the embedded default, no mail leaves.
+
+    Each transaction becomes one file; like Postfix's local delivery it starts with a Return-Path
+    line and one Delivered-To line per recipient.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._counter = itertools.count(1)
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_")
+
+    async def begin(
+        self, sender: str, options: list[str], smtputf8: bool
+    ) -> tuple[Reply, Transaction | None]:
+        return Reply(250, "2.1.0 Ok"), MaildirTransaction(self, sender)
+
+    def deliver(self, sender: str, recipients: list[str], message: bytes) -> str:
+        for sub in ("tmp", "new", "cur"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+        eol = b"\r\n" if b"\r\n" in message[:4096] else b"\n"
+        envelope = [b"Return-Path: <" + sender.encode("utf-8", "replace") + b">"]
+        envelope += [b"Delivered-To: " + r.encode("utf-8", "replace") for r in recipients]
+        tmp = self.root / "tmp" / name
+        with open(tmp, "wb") as fh:
+            fh.write(eol.join(envelope) + eol)
+            fh.write(message)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, self.root / "new" / name)
+        return name
+
+    async def close(self) -> None:
+        return None
+
+
+class MaildirTransaction:
+    def __init__(self, maildir: MaildirUpstream, sender: str) -> None:
+        self.maildir = maildir
+        self.sender = sender
+        self.recipients: list[str] = []
+
+    async def rcpt(self, address: str, options: list[str]) -> Reply:
+        self.recipients.append(address)
+        return Reply(250, "2.1.5 Ok")
+
+    async def data(self, message: bytes) -> Reply:
+        try:
+            name = await asyncio.to_thread(
+                self.maildir.deliver, self.sender, self.recipients, message
+            )
+        except OSError as exc:
+            log.error("maildir delivery to %s failed: %s", self.maildir.root, exc)
+            return Reply(451, "4.3.0 Local Maildir delivery failed, try again later")
+        return Reply(250, f"2.0.0 Ok: queued as {name}")
+
+    async def finish(self, *, aborted: bool) -> None:
+        return None

@@ -1,0 +1,198 @@
+"""Configuration: typed values, embedded defaults, and one clear line (exit 2) per mistake."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clickrelay import config
+from clickrelay.config import ConfigError, HostPort, UpstreamURL
+from clickrelay.passwords import hash_password
+
+from support import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = '[upstream]\nurl = "smtp://127.0.0.1:2526"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "clickrelay.toml"
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clickrelay", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_example_config_is_valid_and_documents_every_key(tmp_path):
+    example = ROOT / "config.example.toml"
+    settings = config.load(example)
+    assert settings.upstream.url == UpstreamURL("smtp", "127.0.0.1", 25)
+    text = example.read_text()
+    for section in config.fields(config.Settings):
+        if section.name == "source":
+            continue
+        assert f"[{section.name}]" in text
+        for spec in config.fields(getattr(settings, section.name)):
+            documented = f"{spec.name} =" in text or f"[{section.name}.{spec.name}]" in text
+            assert documented, f"{section.name}.{spec.name} is not documented"
+
+
+def test_minimal_file_gets_documented_defaults(tmp_path):
+    settings = config.load(write(tmp_path, MINIMAL))
+    assert settings.smtp.listen == HostPort("127.0.0.1", 2525)
+    assert settings.smtp.max_message_size == 33554432
+    assert [str(n) for n in settings.smtp.allowed_clients] == ["127.0.0.0/8", "::1/128"]
+    assert settings.web.listen == HostPort("127.0.0.1", 8080)
+    assert settings.tracking.tracked_campaign_types == ("standard",)
+    assert settings.bots.min_seconds_after_send == 5
+    assert settings.headers.campaign_id == "X-Campaign-Id"
+    assert not settings.reports.enabled
+
+
+def test_embedded_defaults_keep_everything_local(tmp_path):
+    settings = config.embedded_defaults(tmp_path)
+    assert settings.embedded
+    assert settings.upstream.url == UpstreamURL("maildir", path=tmp_path / "outbox")
+    assert settings.storage.database == tmp_path / "clickrelay.sqlite3"
+    assert settings.tracking.secret_file == tmp_path / "secret"
+    assert settings.web.public_url == "http://127.0.0.1:8080"
+    assert str(settings.smtp.listen) == "127.0.0.1:2525"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[smtp]\nlisten = "127.0.0.1:2525"\n', "upstream.url"),
+        (MINIMAL + '[smtp]\nlisen = "127.0.0.1:25"\n', "smtp.lisen"),
+        (MINIMAL + "[smpt]\n", "smpt"),
+        (MINIMAL + '[smtp]\nlisten = "localhost"\n', "smtp.listen"),
+        (MINIMAL + '[smtp]\nlisten = "127.0.0.1:99999"\n', "smtp.listen"),
+        (MINIMAL + "[web]\nlisten = 8080\n", "web.listen"),
+        (MINIMAL + '[smtp]\nmax_message_size = "32M"\n', "smtp.max_message_size"),
+        (MINIMAL + '[smtp]\nallowed_clients = ["10.0.0.0/33"]\n', "smtp.allowed_clients"),
+        (MINIMAL + '[smtp]\nallowed_clients = "10.0.0.0/8"\n', "smtp.allowed_clients"),
+        (
+            MINIMAL + '[smtp]\ntls_cert = "/nonexistent/cert.pem"\n'
+            'tls_key = "/nonexistent/key.pem"\n',
+            "smtp.tls_cert",
+        ),
+        (MINIMAL + '[smtp]\ntls_cert = "/etc/hostname"\n', "smtp.tls_key"),
+        (MINIMAL + '[smtp.users]\napp = "plaintext"\n', "smtp.users"),
+        ('[upstream]\nurl = "smtp://user:pw@mail.example.com"\n', "upstream.url"),
+        ('[upstream]\nurl = "imap://mail.example.com"\n', "upstream.url"),
+        ('[upstream]\nurl = "smtp://mail.example.com:notaport"\n', "upstream.url"),
+        ('[upstream]\nurl = "smtp://127.0.0.1"\nusername = "u"\n', "upstream.password"),
+        ('[upstream]\nurl = "smtp://127.0.0.1"\ntimeout_seconds = 0\n', "upstream.timeout_seconds"),
+        (MINIMAL + '[web]\npublic_url = "click.example.com"\n', "web.public_url"),
+        (MINIMAL + '[reports]\npassword_hash = "nope"\n', "reports.password_hash"),
+        (
+            MINIMAL + '[tracking]\ntrigger_url_patterns = ["(unclosed"]\n',
+            "tracking.trigger_url_patterns",
+        ),
+        (
+            MINIMAL + '[tracking]\ntracked_campaign_types = "standard"\n',
+            "tracking.tracked_campaign_types",
+        ),
+        (MINIMAL + "[bots]\nburst_links = -1\n", "bots.burst_links"),
+        (MINIMAL + "[bots]\nburst_links = true\n", "bots.burst_links"),
+        (MINIMAL + '[privacy]\nstore_ip = "some"\n', "privacy.store_ip"),
+        (MINIMAL + '[headers]\ncampaign_id = ""\n', "headers.campaign_id"),
+        ("smtp = 1\n" + MINIMAL, "smtp"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    assert caught.value.key == key
+
+
+def test_unreadable_and_invalid_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        config.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[smtp\n"))
+
+
+def test_check_config_prints_settings_with_secrets_masked(tmp_path, tls_files):
+    cert, key = tls_files
+    hashed = hash_password("hunter2")
+    path = write(
+        tmp_path,
+        '[upstream]\nurl = "smtp+starttls://mail.example.com"\nusername = "relay"\n'
+        'password = "upstream-secret"\n[reports]\npassword = "report-secret"\n'
+        f'[smtp]\ntls_cert = "{cert}"\ntls_key = "{key}"\n[smtp.users]\napp = "{hashed}"\n',
+    )
+    result = cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert 'url = "smtp+starttls://mail.example.com:587"' in result.stdout
+    assert 'username = "relay"' in result.stdout
+    for secret in ("upstream-secret", "report-secret", hashed):
+        assert secret not in result.stdout + result.stderr
+    assert result.stdout.count('"********"') == 3
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    result = cli("check-config", "--config", str(write(tmp_path, MINIMAL + "[smtp]\nport = 25\n")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["clickrelay: smtp.port: unknown key"]
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_exit_2_naming_the_key(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(
+            tmp_path,
+            MINIMAL + f'[smtp]\nlisten = "127.0.0.1:{port}"\n[storage]\n'
+            f'database = "{tmp_path}/db.sqlite3"\n[tracking]\nsecret_file = "{tmp_path}/s"\n',
+        )
+        result = cli("smtp", "--config", str(path))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1] == "clickrelay: smtp.listen: address already in use"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_tls_key_is_exit_2(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    path = write(
+        tmp_path,
+        MINIMAL
+        + f'[web]\nlisten = "127.0.0.1:{free_port()}"\ntls_cert = "{junk}"\ntls_key = "{junk}"\n'
+        + f'[storage]\ndatabase = "{tmp_path}/db.sqlite3"\n'
+        + f'[tracking]\nsecret_file = "{tmp_path}/s"\n',
+    )
+    result = cli("web", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("clickrelay: web.tls_key: cannot load")
+
+
+def test_hash_password_reads_stdin(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "clickrelay", "hash-password"],
+        input="correct horse\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    from clickrelay.passwords import verify
+
+    assert verify("correct horse", result.stdout.strip())
+    assert not verify("wrong horse", result.stdout.strip())
