@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -10,9 +9,7 @@ import pytest
 
 from clickrelay.config import Settings
 
-from support import ScriptedUpstream, relay_settings, start_relay
-
-ROOT = Path(__file__).resolve().parent.parent
+from support import ScriptedUpstream, corpus_path, relay_settings, start_relay
 
 
 @pytest.fixture
@@ -67,7 +64,7 @@ def tls_files(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     """The shared real-world corpus; tests that need it skip where it is absent."""
-    path = Path(os.environ.get("CLICKRELAY_CORPUS", ROOT.parent / "shared" / "corpus"))
+    path = corpus_path()
     if not (path / "html").is_dir() or not (path / "eml").is_dir():
         pytest.skip(f"real-world corpus not found at {path} (set CLICKRELAY_CORPUS to use it)")
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -23,9 +24,21 @@ from clickrelay.config import (
 )
 from clickrelay.pipeline import MessagePipeline
 from clickrelay.relay import RelayServer
+from clickrelay.store import SQLiteStore, open_store
+from clickrelay.tokens import Signer, load_secret
 from clickrelay.upstream import create_upstream
 
 LOOPBACK = "127.0.0.1"
+BROWSER = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/130.0 Safari/537.36"
+)
+
+
+def corpus_path() -> Path:
+    """The shared real-world corpus: $CLICKRELAY_CORPUS, else ../shared/corpus of the repo."""
+    default = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+    return Path(os.environ.get("CLICKRELAY_CORPUS", default))
 
 
 @dataclass
@@ -153,15 +166,37 @@ def relay_settings(tmp_path: Path, upstream_port: int, **smtp_changes) -> Settin
     )
 
 
+@dataclass
+class RunningRelay:
+    server: RelayServer
+    store: SQLiteStore
+    signer: Signer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def resolve(self, tracking_url: str) -> str:
+        """The original URL behind a tracking link (via the token and the database)."""
+        ids = self.signer.verify(tracking_url.rsplit("/c/", 1)[1])
+        assert ids is not None, f"forged or foreign tracking link {tracking_url}"
+        link = await self.store.get_link(ids[1])
+        assert link is not None
+        return link.url
+
+
 @contextlib.asynccontextmanager
-async def start_relay(settings: Settings, tls=None) -> AsyncIterator[RelayServer]:
+async def start_relay(settings: Settings, tls=None) -> AsyncIterator[RunningRelay]:
+    store = await open_store(settings.storage.database)
+    signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
     upstream = create_upstream(settings.upstream, "relay.test")
-    server = RelayServer(settings, upstream, MessagePipeline(settings), tls)
+    server = RelayServer(settings, upstream, MessagePipeline(settings, store, signer), tls)
     await server.start()
     try:
-        yield server
+        yield RunningRelay(server, store, signer)
     finally:
         await server.stop()
+        await store.close()
 
 
 class RawClient:
@@ -313,3 +348,117 @@ def write_config(
         f'[tracking]\nsecret_file = "{path.parent}/secret"\n' + extra
     )
     return path
+
+
+async def assert_faithful(original: str, rewritten: str, relay: RunningRelay) -> int:
+    """`rewritten` is `original` with tracked hrefs replaced and opt-out attributes removed.
+
+    Every link of the rewritten HTML leads where the original one did (tracking links are
+    resolved through the token and the database), and all text between links is identical.
+    Returns the number of tracking links.
+    """
+    from clickrelay.links import find_links, splice
+
+    before = find_links(original)
+    expected = splice(original, [(link, None) for link in before])  # opt-out attributes gone
+    old, new = find_links(expected), find_links(rewritten)
+    assert len(old) == len(new)
+    tracked, pos_old, pos_new = 0, 0, 0
+    for o, n in zip(old, new, strict=True):
+        assert expected[pos_old : o.start] == rewritten[pos_new : n.start]
+        if n.url.startswith(relay.server.settings.web.public_url + "/c/") and o.url != n.url:
+            assert await relay.resolve(n.url) == o.url
+            tracked += 1
+        else:
+            assert n.url == o.url
+        pos_old, pos_new = o.end, n.end
+    assert expected[pos_old:] == rewritten[pos_new:]
+    return tracked
+
+
+def basic_auth(user: str = "admin", password: str = "pw") -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@dataclass
+class RunningWeb:
+    """The real aiohttp app on 127.0.0.1 with a real SQLite store, and an HTTP client."""
+
+    settings: Settings
+    store: SQLiteStore
+    signer: Signer
+    recorder: object
+    base: str
+    session: object
+    sent: dict = field(default_factory=dict)  # send id -> send time, to sign tokens
+
+    async def send(
+        self, campaign="c1", contact="42", urls=("https://example.com/a",),
+        sent_at: float | None = None, **fields,
+    ) -> tuple[int, dict[str, int]]:  # fmt: skip
+        """Record a tracked send (as the relay would); its id and its link ids by URL."""
+        import time
+
+        from clickrelay.store import NewSend
+
+        sent_at = time.time() - 3600 if sent_at is None else sent_at
+        recorded = await self.store.record_send(NewSend(
+            campaign_key=campaign, campaign_name=fields.get("name"), campaign_type="standard",
+            contact_id=contact, email=fields.get("email"), message_id=None, decision="tracked",
+            tracked_urls=urls, untracked=fields.get("untracked", {}), sent_at=sent_at,
+        ))  # fmt: skip
+        self.sent[recorded.send_id] = sent_at
+        return recorded.send_id, dict(recorded.link_ids)
+
+    def token(self, send_id: int, link_id: int) -> str:
+        return self.signer.sign(send_id, link_id, self.sent.get(send_id, 0.0))
+
+    async def get(self, path: str, **kwargs):
+        kwargs.setdefault("allow_redirects", False)
+        async with self.session.get(self.base + path, **kwargs) as response:
+            await response.read()
+            return response
+
+    async def api(self, path: str):
+        async with self.session.get(self.base + path, headers=basic_auth()) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    async def click(self, send_id: int, link_id: int, method: str = "GET", agent: str = BROWSER):
+        async with self.session.request(
+            method, f"{self.base}/c/{self.token(send_id, link_id)}",
+            headers={"User-Agent": agent}, allow_redirects=False,
+        ) as response:  # fmt: skip
+            await response.read()
+            return response
+
+
+@contextlib.asynccontextmanager
+async def start_web(settings: Settings, store_wrapper=None) -> AsyncIterator[RunningWeb]:
+    import aiohttp
+    from aiohttp import web as aioweb
+
+    from clickrelay.clicks import ClickRecorder
+    from clickrelay.web import create_app
+    from clickrelay.web import runner as make_runner
+
+    store = await open_store(settings.storage.database)
+    signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
+    app_store = store_wrapper(store) if store_wrapper else store
+    recorder = ClickRecorder(app_store)
+    runner = make_runner(create_app(settings, app_store, signer, recorder))
+    await runner.setup()
+    site = aioweb.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield RunningWeb(
+                settings, store, signer, recorder, f"http://{LOOPBACK}:{port}", session
+            )
+        finally:
+            await runner.cleanup()
+            await recorder.close()
+            await store.close()

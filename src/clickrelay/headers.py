@@ -53,6 +53,10 @@ def parse_header_block(raw: bytes, start: int = 0, end: int | None = None) -> He
             return HeaderBlock(tuple(found), line_end)
         if line[:1] in (b" ", b"\t") and found:
             found[-1] = HeaderField(found[-1].name, found[-1].start, line_end)
+        elif pos == start and (line.startswith(b"From ") or line[:1] in (b" ", b"\t")):
+            # an mbox separator or a stray continuation line: kept, but not a field (as the
+            # email package does, noting a defect)
+            found.append(HeaderField("", pos, line_end))
         elif match := _FIELD_START.match(line):
             found.append(HeaderField(match.group(1).decode("ascii").lower(), pos, line_end))
         else:

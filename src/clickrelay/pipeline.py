@@ -1,24 +1,41 @@
-"""What happens to a message between SMTP in and forward: read the control headers, strip them.
+"""Between SMTP in and forward: decision -> rewrite -> store.
 
-(Link rewriting and storage join here in a later step; the relay only sees `prepare`/`forwarded`.)
+`prepare` reads and strips the control headers, decides whether the message is rewritten, plans
+the rewrite, commits the send and its links, and splices the tracking links in. Whatever goes
+wrong on the way, the message is forwarded with its content untouched and the reason recorded;
+the relay only ever sees a message to forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from aiosmtpd.smtp import Envelope
 
+from clickrelay import mime, rewrite
 from clickrelay.config import Settings
 from clickrelay.headers import (
     ControlHeaders,
+    HeaderBlock,
     control_field_names,
     field_value,
     parse_header_block,
     read_control_headers,
     remove_fields,
 )
+from clickrelay.links import LinkRules
+from clickrelay.store import NewSend, Store, StoreError
+from clickrelay.tokens import Signer
 from clickrelay.upstream import Reply
+
+log = logging.getLogger(__name__)
+
+THREAD_THRESHOLD = 256 * 1024  # rewrite bigger messages in a worker thread, off the event loop
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,29 +44,149 @@ class Prepared:
     message_id: str
     control: ControlHeaders
     decision: str
+    send_id: int | None = None
+    tracked: int = 0
+    skipped: int = 0
 
     def log_fields(self) -> str:
         return (
             f"msgid={self.message_id} campaign={self.control.campaign_id or '-'} "
-            f"contact={self.control.contact_id or '-'} decision={self.decision}"
+            f"contact={self.control.contact_id or '-'} decision={self.decision} "
+            f"links={self.tracked}/{self.skipped}"
         )
 
 
 class MessagePipeline:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store, signer: Signer) -> None:
         self.settings = settings
+        self.store = store
+        self.signer = signer
         self.control_names = control_field_names(settings.headers)
+        tracking = settings.tracking
+        self.rules = LinkRules(
+            public_url=settings.web.public_url,
+            trigger_patterns=tracking.trigger_url_patterns,
+            system_patterns=tracking.system_url_patterns,
+            affiliate_patterns=tracking.affiliate_url_patterns,
+            track_url_text=tracking.track_url_text_links,
+        )
 
     async def prepare(self, message: bytes, envelope: Envelope) -> Prepared:
         block = parse_header_block(message)
         control = read_control_headers(message, block, self.settings.headers)
+        if control.contact_id is None and len(envelope.rcpt_tos) == 1:
+            control = replace(control, contact_id=envelope.rcpt_tos[0])
+        if control.contact_email is None and len(envelope.rcpt_tos) == 1:
+            control = replace(control, contact_email=envelope.rcpt_tos[0])
         message_id = block.first("message-id")
-        return Prepared(
+        prepared = Prepared(
             message=remove_fields(message, block, self.control_names),
             message_id=field_value(message, message_id) if message_id else "-",
             control=control,
-            decision="not_campaign" if control.campaign_id is None else "forwarded",
+            decision="not_campaign",
+        )
+        if control.campaign_id is None:
+            return prepared
+        if control.test_send:
+            prepared.decision = "test_send"  # test sends are not recorded at all
+            return prepared
+        try:
+            root = await self._cpu(len(message), mime.parse, prepared.message)
+            prepared.decision = self._reason_untouched(control, block, root) or "tracked"
+            if prepared.decision == "tracked":
+                await self._rewrite(prepared, message, block, root)
+        except StoreError as exc:
+            log.error("storage failed, forwarding untouched: %s", exc)
+            prepared.decision = "error"
+            return prepared
+        except Exception:
+            log.exception("rewriting %s failed, forwarding it untouched", prepared.message_id)
+            prepared.decision = "error"
+        if prepared.send_id is None:
+            await self._record(prepared)
+        return prepared
+
+    def _reason_untouched(
+        self, control: ControlHeaders, block: HeaderBlock, root: mime.Entity
+    ) -> str | None:
+        if not control.track_clicks:
+            return "tracking_off"
+        if control.campaign_type not in self.settings.tracking.tracked_campaign_types:
+            return "campaign_type"
+        if mime.is_signed_or_encrypted(root):
+            return "signed"
+        if block.first("dkim-signature") is not None:
+            return "dkim"
+        return None
+
+    async def _rewrite(
+        self, prepared: Prepared, original: bytes, block: HeaderBlock, root: mime.Entity
+    ) -> None:
+        unsubscribe = block.first("list-unsubscribe")
+        rules = self.rules
+        if unsubscribe is not None:
+            urls = rewrite.list_unsubscribe_urls(field_value(original, unsubscribe))
+            rules = replace(rules, unsubscribe_urls=urls)
+        plan = await self._cpu(len(original), rewrite.plan, prepared.message, root, rules)
+        if plan is None:
+            prepared.decision = "no_html"
+            return
+        if plan.undecodable:
+            log.warning("%s: %d HTML part(s) not decodable exactly, left as they are",
+                        prepared.message_id, plan.undecodable)  # fmt: skip
+            if not plan.parts:
+                prepared.decision = "error"
+                return
+        urls, untracked = plan.tracked_urls, plan.untracked
+        prepared.tracked, prepared.skipped = len(urls), sum(untracked.values())
+        recorded = await self.store.record_send(self._send(prepared, urls, untracked))
+        prepared.send_id = recorded.send_id
+        base = self.settings.web.public_url + "/c/"
+        tracking = {
+            url: base + self.signer.sign(recorded.send_id, link_id, recorded.sent_at)
+            for url, link_id in recorded.link_ids.items()
+        }
+        try:
+            prepared.message = await self._cpu(len(original), plan.apply, tracking)
+        except Exception:
+            log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
+            prepared.decision = "error"
+            await self.store.set_send_decision(recorded.send_id, "error")
+
+    async def _record(self, prepared: Prepared) -> None:
+        try:
+            recorded = await self.store.record_send(self._send(prepared, (), {}))
+        except StoreError as exc:
+            log.error("storage failed, send of %s not recorded: %s", prepared.message_id, exc)
+            return
+        prepared.send_id = recorded.send_id
+
+    def _send(self, prepared: Prepared, urls, untracked) -> NewSend:
+        control = prepared.control
+        assert control.campaign_id is not None
+        return NewSend(
+            campaign_key=control.campaign_id,
+            campaign_name=control.campaign_name,
+            campaign_type=control.campaign_type,
+            contact_id=control.contact_id,
+            email=control.contact_email,
+            message_id=None if prepared.message_id == "-" else prepared.message_id,
+            decision=prepared.decision,
+            tracked_urls=urls,
+            untracked=untracked,
         )
 
     async def forwarded(self, prepared: Prepared, reply: Reply) -> None:
-        return None
+        if prepared.send_id is None:
+            return
+        outcome = "accepted" if reply.ok else "refused" if reply.code >= 500 else "deferred"
+        try:
+            await self.store.set_send_outcome(prepared.send_id, outcome)
+        except StoreError as exc:
+            log.error("storage failed, outcome of send %d not recorded: %s", prepared.send_id, exc)
+
+    async def _cpu(self, size: int, func: Callable[..., T], *args) -> T:
+        """Run CPU-heavy work inline for ordinary messages, in a thread for big ones."""
+        if size > THREAD_THRESHOLD:
+            return await asyncio.to_thread(func, *args)
+        return func(*args)

@@ -15,11 +15,14 @@ from pathlib import Path
 from aiohttp import web as aioweb
 
 from clickrelay import secretfile
+from clickrelay.clicks import ClickRecorder
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.pipeline import MessagePipeline
 from clickrelay.relay import RelayServer
+from clickrelay.store import SQLiteStore, StoreError, open_store
+from clickrelay.tokens import Signer, load_secret
 from clickrelay.upstream import create_upstream
-from clickrelay.web import create_app
+from clickrelay.web import create_app, runner
 
 log = logging.getLogger("clickrelay")
 
@@ -59,19 +62,41 @@ async def serve(settings: Settings, parts: Parts) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
+        store = await _open_store(settings, stack)
+        signer = _signer(settings, store)
         if parts.web:
-            await _start_web(settings, stack)
+            await _start_web(settings, store, signer, stack)
         if parts.smtp:
-            await _start_smtp(settings, stack)
+            await _start_smtp(settings, store, signer, stack)
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
 
 
-async def _start_smtp(settings: Settings, stack: contextlib.AsyncExitStack) -> None:
+async def _open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> SQLiteStore:
+    try:
+        store = await open_store(settings.storage.database, settings.storage.synchronous)
+    except StoreError as exc:
+        raise StartupError("storage.database", str(exc)) from None
+    stack.push_async_callback(store.close)
+    return store
+
+
+def _signer(settings: Settings, store: SQLiteStore) -> Signer:
+    try:
+        secret = load_secret(settings.tracking.secret_file)
+    except (OSError, ValueError) as exc:
+        raise StartupError("tracking.secret_file", str(exc)) from None
+    return Signer(secret, store.instance_id)
+
+
+async def _start_smtp(
+    settings: Settings, store: SQLiteStore, signer: Signer, stack: contextlib.AsyncExitStack
+) -> None:
     upstream = create_upstream(settings.upstream, settings.smtp.hostname or "localhost")
     tls = _tls_context("smtp", settings.smtp.tls_cert, settings.smtp.tls_key)
-    relay = RelayServer(settings, upstream, MessagePipeline(settings), tls)
+    pipeline = MessagePipeline(settings, store, signer)
+    relay = RelayServer(settings, upstream, pipeline, tls)
     await _bind("smtp.listen", relay.start())
     stack.push_async_callback(relay.stop)
     if settings.upstream.url.scheme == "maildir":
@@ -83,15 +108,22 @@ async def _start_smtp(settings: Settings, stack: contextlib.AsyncExitStack) -> N
     log.info("smtp relay listening on %s, upstream %s", settings.smtp.listen, settings.upstream.url)
 
 
-async def _start_web(settings: Settings, stack: contextlib.AsyncExitStack) -> None:
-    runner = aioweb.AppRunner(create_app(), access_log=None, shutdown_timeout=10)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
+async def _start_web(
+    settings: Settings, store: SQLiteStore, signer: Signer, stack: contextlib.AsyncExitStack
+) -> None:
+    recorder = ClickRecorder(store)
+    stack.push_async_callback(recorder.close)  # after the runner: in-flight clicks get stored
+    app = create_app(settings, store, signer, recorder)
+    app_runner = runner(app)
+    await app_runner.setup()
+    stack.push_async_callback(app_runner.cleanup)
     listen = settings.web.listen
     tls = _tls_context("web", settings.web.tls_cert, settings.web.tls_key)
-    site = aioweb.TCPSite(runner, listen.host, listen.port, ssl_context=tls)
+    site = aioweb.TCPSite(app_runner, listen.host, listen.port, ssl_context=tls)
     await _bind("web.listen", site.start())
     log.info("http service listening on %s, public URL %s", listen, settings.web.public_url)
+    if not settings.reports.enabled:
+        log.warning("report pages and API are off (403): set [reports] password or password_hash")
 
 
 async def _bind(key: str, starting: object) -> None:

@@ -1,0 +1,215 @@
+"""Redirects per second and latency: the real click service (durable clicks, group commit) vs. a
+bare aiohttp handler that only answers 302, same run, same load generator.
+
+The server is pinned to CPU 0 and the load generator to CPU 1 (taskset), so the generator's own
+CPU does not hide the difference. The load generator is wrk (Debian package) when installed,
+else a bounded aiohttp client loop.
+
+    python bench/bench_redirect.py [--seconds 10] [--connections 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BARE = """
+import sys
+from aiohttp import web
+async def hit(request):
+    return web.Response(status=302, headers={"Location": "https://example.com/landing",
+                        "Cache-Control": "no-store"})
+app = web.Application()
+app.router.add_get("/c/{token}", hit)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+WRK_SCRIPT = """
+local tokens = {}
+for line in io.lines("%s") do tokens[#tokens + 1] = line end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/c/" .. tokens[(n %% #tokens) + 1])
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinned(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
+
+
+async def seed(folder: Path, sends: int, links: int) -> list[str]:
+    """A database with `sends` sends of one campaign; returns one token per (send, link)."""
+    from clickrelay.store import NewSend, open_store
+    from clickrelay.tokens import Signer, load_secret
+
+    store = await open_store(folder / "db.sqlite3")
+    signer = Signer(load_secret(folder / "secret"), store.instance_id)
+    urls = tuple(f"https://shop.example.com/item/{i}?utm_source=bench" for i in range(links))
+    tokens = []
+    for i in range(sends):
+        recorded = await store.record_send(NewSend(
+            "bench", "Bench", "standard", f"contact-{i}", None, None, "tracked", urls,
+            sent_at=time.time() - 86400,
+        ))  # fmt: skip
+        tokens += [
+            signer.sign(recorded.send_id, link_id, recorded.sent_at)
+            for link_id in recorded.link_ids.values()
+        ]
+    await store.close()
+    return tokens
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def load_wrk(port: int, tokens_file: Path, seconds: int, connections: int) -> dict:
+    script = tokens_file.with_suffix(".lua")
+    script.write_text(WRK_SCRIPT % tokens_file)
+    out = subprocess.run(
+        [*pinned(1), "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
+         str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    latency = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": latency["50"], "p99": latency["99"],
+            "bad": int(errors.group(1)) if errors else 0}  # fmt: skip
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def load_python(port: int, tokens_file: Path, seconds: int, connections: int) -> dict:
+    """Fallback load generator: aiohttp clients in a child process pinned to CPU 1."""
+    code = f"""
+import asyncio, json, time, aiohttp
+tokens = open({str(tokens_file)!r}).read().split()
+async def worker(session, deadline, lat, start):
+    i = start
+    bad = 0
+    while time.monotonic() < deadline:
+        t = time.perf_counter()
+        async with session.get(f"http://127.0.0.1:{port}/c/" + tokens[i % len(tokens)],
+                               allow_redirects=False) as r:
+            await r.read()
+            bad += r.status != 302
+        lat.append(time.perf_counter() - t)
+        i += {connections}
+    return bad
+async def main():
+    lat = []
+    conn = aiohttp.TCPConnector(limit={connections})
+    async with aiohttp.ClientSession(connector=conn) as s:
+        deadline = time.monotonic() + {seconds}
+        t0 = time.monotonic()
+        workers = (worker(s, deadline, lat, k) for k in range({connections}))
+        bad = sum(await asyncio.gather(*workers))
+        elapsed = time.monotonic() - t0
+    lat.sort()
+    print(json.dumps({{"rps": len(lat) / elapsed, "p50": lat[len(lat) // 2] * 1000,
+                      "p99": lat[int(len(lat) * 0.99)] * 1000, "bad": bad}}))
+asyncio.run(main())
+"""
+    out = subprocess.run([*pinned(1), sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=seconds + 60).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--sends", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    load = load_wrk if shutil.which("wrk") else load_python
+    folder = Path(tempfile.mkdtemp(prefix="clickrelay-bench-"))
+    tokens = asyncio.run(seed(folder, args.sends, links=10))
+    tokens_file = folder / "tokens.txt"
+    tokens_file.write_text("\n".join(tokens) + "\n")
+    web_port, bare_port = free_port(), free_port()
+    config = folder / "clickrelay.toml"
+    config.write_text(
+        f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[web]\nlisten = "127.0.0.1:{web_port}"\n'
+        f'[storage]\ndatabase = "{folder}/db.sqlite3"\n'
+        f'[tracking]\nsecret_file = "{folder}/secret"\n'
+    )
+    print(f"# {load.__name__.removeprefix('load_')} load, {args.connections} connections, "
+          f"{args.rounds} interleaved rounds of {args.seconds} s; server on CPU 0, load on CPU 1; "
+          f"{os.cpu_count()} CPUs; medians")  # fmt: skip
+    servers = {
+        "bare aiohttp 302": ([*pinned(0), sys.executable, "-c", BARE, str(bare_port)], bare_port),
+        "clickrelay (durable clicks)": (
+            [*pinned(0), sys.executable, "-m", "clickrelay", "--log-level", "warning", "web",
+             "--config", str(config)], web_port),
+    }  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    for _ in range(args.rounds):
+        for name, (cmd, port) in servers.items():
+            proc = start(cmd, port)
+            try:
+                load(port, tokens_file, 2, args.connections)  # warm up
+                runs[name].append(load(port, tokens_file, args.seconds, args.connections))
+            finally:
+                stop(proc)
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+               for name, rs in runs.items()}  # fmt: skip
+    for name, r in results.items():
+        print(f"{name:30} {r['rps']:9.0f} req/s   p50 {r['p50']:6.2f} ms   p99 {r['p99']:6.2f} ms"
+              f"   non-302: {r['bad']:.0f}")  # fmt: skip
+    bare, ours = results["bare aiohttp 302"], results["clickrelay (durable clicks)"]
+    import sqlite3
+
+    with sqlite3.connect(folder / "db.sqlite3") as db:
+        stored = db.execute("SELECT count(*) FROM clicks").fetchone()[0]
+    pairs = zip(runs["clickrelay (durable clicks)"], runs["bare aiohttp 302"], strict=True)
+    ratios = [o["rps"] / b["rps"] for o, b in pairs]
+    print(f"\nratio req/s {ours['rps'] / bare['rps']:.2f}x of bare (target >= 0.6; per round: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}), p99 {ours['p99'] / bare['p99']:.2f}x of bare "
+          f"(target <= 1.5); {stored} clicks stored")  # fmt: skip
+    shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()

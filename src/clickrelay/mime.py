@@ -1,0 +1,235 @@
+"""MIME structure located in the raw bytes: walk entities, decode an HTML part, splice it back.
+
+The email package would re-generate the message (new boundaries, folded headers, normalised
+encodings), so instead this module records where each entity's headers and body lie in the
+original bytes. A rewritten part is decoded (transfer encoding, then charset), changed, encoded
+back the same way and spliced into its byte range; every header, boundary, preamble and other part
+stays byte-identical. A part that cannot be decoded exactly (unknown charset, invalid bytes,
+corrupt base64, a charset that does not round-trip) is left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesHeaderParser
+
+from clickrelay.headers import parse_header_block
+
+MAX_DEPTH = 20  # deeper nesting than this is left unparsed (treated as an opaque leaf)
+MAX_LINE = 998  # RFC 5322: octets per line, without CRLF, for 7bit/8bit
+_SIGNED_OR_ENCRYPTED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
+                        "application/x-pkcs7-mime"}  # fmt: skip
+_IDENTITY = {"", "7bit", "8bit", "binary"}
+_BIT_VARIANTS = re.compile(r"[78]-?bits?")
+_header_parser = BytesHeaderParser()
+
+
+@dataclass
+class Entity:
+    """One MIME entity: headers at raw[start:body_start], body at raw[body_start:end]."""
+
+    start: int
+    body_start: int
+    end: int
+    headers: Message
+    children: list[Entity] = field(default_factory=list)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def transfer_encoding(self) -> str:
+        """The Content-Transfer-Encoding, lower-case, with common misspellings ("8bits") mended."""
+        value = str(self.headers.get("content-transfer-encoding", "")).split(";")[0].strip().lower()
+        return value[0] + "bit" if _BIT_VARIANTS.fullmatch(value) else value
+
+    @property
+    def is_attachment(self) -> bool:
+        return self.headers.get_content_disposition() == "attachment"
+
+    def walk(self) -> Iterator[Entity]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def parse(raw: bytes) -> Entity:
+    """The entity tree of a whole message (message/rfc822 attachments are not descended into)."""
+    return _entity(raw, 0, len(raw), default_type="text/plain", depth=0)
+
+
+def _entity(raw: bytes, start: int, end: int, default_type: str, depth: int) -> Entity:
+    block = parse_header_block(raw, start, end)
+    headers = _header_parser.parsebytes(raw[start : block.body_start])
+    headers.set_default_type(default_type)
+    entity = Entity(start, block.body_start, end, headers)
+    boundary = headers.get_boundary() if headers.get_content_maintype() == "multipart" else None
+    if boundary and depth < MAX_DEPTH:
+        child_type = "message/rfc822" if entity.content_type == "multipart/digest" else "text/plain"
+        entity.children = [
+            _entity(raw, s, e, child_type, depth + 1)
+            for s, e in _part_ranges(raw, block.body_start, end, boundary)
+        ]
+    return entity
+
+
+def _part_ranges(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """Byte ranges of the body parts between the delimiter lines (RFC 2046 section 5.1.1).
+
+    The line break before a delimiter belongs to the delimiter. A missing close delimiter ends the
+    last part at the end of the enclosing body.
+    """
+    delimiter = re.compile(
+        rb"^--" + re.escape(boundary.encode("ascii", "surrogateescape")) + rb"(--)?[ \t]*\r?$",
+        re.MULTILINE,
+    )
+    ranges: list[tuple[int, int]] = []
+    part_start = None
+    for match in delimiter.finditer(raw, start, end):
+        if part_start is not None:
+            ranges.append((part_start, _before_line_break(raw, match.start(), part_start)))
+        if match.group(1):  # close delimiter
+            return ranges
+        eol = raw.find(b"\n", match.end(), end)
+        part_start = end if eol < 0 else eol + 1
+    if part_start is not None:
+        ranges.append((part_start, end))
+    return ranges
+
+
+def _before_line_break(raw: bytes, pos: int, floor: int) -> int:
+    if pos > floor and raw[pos - 1 : pos] == b"\n":
+        pos -= 1
+        if pos > floor and raw[pos - 1 : pos] == b"\r":
+            pos -= 1
+    return pos
+
+
+def is_signed_or_encrypted(root: Entity) -> bool:
+    return any(e.content_type in _SIGNED_OR_ENCRYPTED for e in root.walk())
+
+
+def html_body_parts(root: Entity) -> list[Entity]:
+    """text/html leaves that are part of the message body: not attachments, not in attached mail."""
+    found = []
+    for entity in root.walk():
+        if entity.content_type == "text/html" and not entity.children and not entity.is_attachment:
+            found.append(entity)
+    return found
+
+
+@dataclass(frozen=True)
+class DecodedPart:
+    """An HTML part's text plus what it takes to encode a changed text back the same way."""
+
+    entity: Entity
+    text: str
+    charset: str
+    encoding: str  # the Content-Transfer-Encoding, lower-case ("" when absent)
+    eol: bytes
+    trailing: bytes  # whitespace after the last base64 line, kept as it was
+
+
+def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
+    """Decode an entity's body to text, or None if that cannot be done exactly."""
+    body = raw[entity.body_start : entity.end]
+    encoding = entity.transfer_encoding
+    try:
+        if encoding in _IDENTITY:
+            data = body
+        elif encoding == "quoted-printable":
+            data = binascii.a2b_qp(body)
+        elif encoding == "base64":
+            data = base64.b64decode(re.sub(rb"[ \t\r\n]", b"", body), validate=True)
+        else:
+            return None
+    except (binascii.Error, ValueError):
+        return None
+    charset = _charset(entity, data)
+    if charset is None:
+        return None
+    try:
+        text = data.decode(charset)
+        if text.encode(charset) != data:  # e.g. non-canonical escape sequences: not exact
+            return None
+    except (UnicodeError, LookupError):
+        return None
+    eol = b"\r\n" if b"\r\n" in body[:4096] or b"\n" not in body else b"\n"
+    return DecodedPart(entity, text, charset, encoding, eol, body[len(body.rstrip()) :])
+
+
+def _charset(entity: Entity, data: bytes) -> str | None:
+    declared = entity.headers.get_content_charset()
+    if declared is None:  # undeclared: UTF-8 if it is that, else byte-transparent Latin-1
+        try:
+            data.decode("utf-8")
+            return "utf-8"
+        except UnicodeDecodeError:
+            return "latin-1"
+    for name in (declared, declared.removeprefix("x-")):  # x-mac-cyrillic is mac-cyrillic
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Replacement:
+    entity: Entity
+    body: bytes
+    encoding_header: bytes | None  # a new Content-Transfer-Encoding field, when it had to change
+
+
+def encode(part: DecodedPart, text: str) -> Replacement:
+    """Encode changed text like the original part (7bit/8bit with over-long lines: as QP)."""
+    data = text.encode(part.charset)
+    if part.encoding == "base64":
+        return Replacement(part.entity, _base64(data, part.eol) + part.trailing, None)
+    if part.encoding == "quoted-printable":
+        return Replacement(part.entity, binascii.b2a_qp(data, istext=True), None)
+    if part.encoding != "binary" and _longest_line(data) > MAX_LINE:
+        header = b"Content-Transfer-Encoding: quoted-printable" + part.eol
+        return Replacement(part.entity, binascii.b2a_qp(data, istext=True), header)
+    return Replacement(part.entity, data, None)
+
+
+def _base64(data: bytes, eol: bytes) -> bytes:
+    encoded = base64.b64encode(data)
+    return eol.join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+
+
+def _longest_line(data: bytes) -> int:
+    return max((len(line.rstrip(b"\r")) for line in data.split(b"\n")), default=0)
+
+
+def splice(raw: bytes, replacements: list[Replacement]) -> bytes:
+    """`raw` with each replaced entity's body (and, where given, its transfer-encoding field)."""
+    edits: list[tuple[int, int, bytes]] = []
+    for rep in replacements:
+        if rep.encoding_header is not None:
+            edits.append(_encoding_header_edit(raw, rep.entity, rep.encoding_header))
+        edits.append((rep.entity.body_start, rep.entity.end, rep.body))
+    edits.sort(key=lambda edit: edit[0])
+    pieces, pos = [], 0
+    for start, end, data in edits:
+        pieces += [raw[pos:start], data]
+        pos = end
+    pieces.append(raw[pos:])
+    return b"".join(pieces)
+
+
+def _encoding_header_edit(raw: bytes, entity: Entity, header: bytes) -> tuple[int, int, bytes]:
+    block = parse_header_block(raw, entity.start, entity.body_start)
+    existing = block.first("content-transfer-encoding")
+    if existing is not None:
+        return existing.start, existing.end, header
+    last = block.fields[-1].end if block.fields else entity.start
+    return last, last, header

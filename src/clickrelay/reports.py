@@ -1,0 +1,496 @@
+"""Admin reports: HTML pages (jinja2, autoescaped), the JSON API and CSV exports, behind Basic auth.
+
+Every figure comes from the store's counter tables, so a page costs a few indexed reads however
+large the campaign. Everything that came from mail (URLs, names, contact ids, emails) is escaped
+by the templates; CSV cells that a spreadsheet would run as a formula are defused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import csv
+import hashlib
+import hmac
+import io
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+from aiohttp import web
+
+from clickrelay import passwords
+from clickrelay.config import ReportsSettings, Settings
+from clickrelay.store import (
+    CAMPAIGN_SORTS,
+    CampaignReport,
+    CampaignSummary,
+    ContactPage,
+    LinkSummary,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PAGE_SIZE = 50
+API_PAGE_SIZE = 1000
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+LINK_REASONS = {
+    "scheme": ("Not a web link (mailto:, tel:, sms:, javascript:, ...).",
+               "Only http and https links can be tracked."),
+    "anchor": ("Jumps within the email (#top) or is empty.", "Nothing to track."),
+    "relative": ("Not a full URL (like /pricing, page.html or www.example.com).",
+                 "Use absolute https:// links in the template to track them."),
+    "malformed": ("Looks like a web link but is broken (a typo in http, spaces or no host).",
+                  "Fix the link in the template: recipients cannot open it either."),
+    "placeholder": ("Contains a merge tag your sending system did not fill in ({{...}}, *|...|*).",
+                    "Check the template's merge fields."),
+    "trigger": ("Matches [tracking] trigger_url_patterns: trigger links are never rewritten.",
+                "Change trigger_url_patterns to track it."),
+    "unsubscribe": ("An unsubscribe link (in List-Unsubscribe, or its text says unsubscribe).",
+                    "Left alone on purpose, so unsubscribing always works."),
+    "system": ("A system link (view in browser, or [tracking] system_url_patterns).",
+               "Change system_url_patterns to track it."),
+    "affiliate": ("Matches [tracking] affiliate_url_patterns; affiliate links keep their own "
+                  "tracking.", "Change affiliate_url_patterns to track it."),
+    "opt_out": ("The link carries an opt-out attribute (data-notrack, clicktracking=off, ...).",
+                "Remove the attribute from the template to track it."),
+    "url_text": ("The link text is itself a URL: rewriting it would set off mail clients' "
+                 "phishing warnings.", "Set [tracking] track_url_text_links = true to track "
+                 "such links anyway."),
+    "already_tracked": ("Already a clickrelay tracking link (the message was relayed twice).",
+                        "Nothing to do: clicks on it are counted."),
+}  # fmt: skip
+SEND_REASONS = {
+    "tracked": "Rewritten with tracking links.",
+    "tracking_off": "Tracking was off: X-Track-Clicks was not yes, true or 1 (off by default).",
+    "campaign_type": "The campaign type is not in [tracking] tracked_campaign_types "
+    "(RSS, A/B test and workflow sends pass untouched).",
+    "signed": "Signed or encrypted (S/MIME, PGP): rewriting would break the signature.",
+    "dkim": "Carries a DKIM-Signature that rewriting would break; sign after clickrelay "
+    "(at the upstream) to track these.",
+    "no_html": "No HTML part: nothing to rewrite.",
+    "error": "Could not be rewritten safely (undecodable HTML, storage or internal error); "
+    "forwarded untouched. The log says which.",
+}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: float  # epoch seconds
+    hours: int  # 1 (first 48 hours) or 24
+    human: int
+    bot: int
+
+
+def timeline(report: CampaignReport, now: float) -> list[Bucket]:
+    """Clicks per hour for the first 48 hours after the first send, per day after that."""
+    first = int(report.summary.first_send_at // 3600)
+    counts = {hour: (human, bot) for hour, human, bot in report.hours}
+    last = max([int(now // 3600), *counts]) if counts else first
+    buckets, hour = [], first
+    while hour <= last and len(buckets) < 48 + 366:
+        width = 1 if hour < first + 48 else 24
+        span = [counts.get(h, (0, 0)) for h in range(hour, hour + width)]
+        buckets.append(
+            Bucket(hour * 3600.0, width, sum(s[0] for s in span), sum(s[1] for s in span))
+        )
+        hour += width
+    if not any(b.human or b.bot for b in buckets[48:]):
+        buckets = buckets[:48] if len(buckets) > 48 else buckets
+    return buckets
+
+
+def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[str, Any]:
+    """Geometry for the server-rendered SVG chart (the template draws it)."""
+    top = max([b.human + b.bot for b in buckets] + [1])
+    scale = _nice(top)
+    slot = width / max(len(buckets), 1)
+    bars = []
+    for i, b in enumerate(buckets):
+        human_h = height * b.human / scale
+        bot_h = height * b.bot / scale
+        bars.append({"x": round(i * slot, 2), "w": round(max(slot - 1, 1), 2),
+                     "human_y": round(height - human_h, 2), "human_h": round(human_h, 2),
+                     "bot_y": round(height - human_h - bot_h, 2), "bot_h": round(bot_h, 2),
+                     "label": _bucket_label(b), "human": b.human, "bot": b.bot})  # fmt: skip
+    ticks = [
+        {"y": round(height - height * v / scale, 2), "value": v} for v in (0, scale // 2, scale)
+    ]
+    return {"width": width, "height": height, "bars": bars, "ticks": ticks}
+
+
+def _nice(value: int) -> int:
+    magnitude = 10 ** max(int(math.log10(value)), 0)
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
+
+
+def _bucket_label(bucket: Bucket) -> str:
+    start = datetime.fromtimestamp(bucket.start, UTC)
+    return start.strftime("%Y-%m-%d %H:00" if bucket.hours == 1 else "%Y-%m-%d")
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- JSON shapes (DESIGN.md)
+
+CAMPAIGN_FIELDS = [
+    "campaign_id", "name", "type", "tracked_sends", "total_clicks", "unique_clicks",
+    "click_rate", "bot_clicks", "first_send", "last_send",
+]  # fmt: skip
+
+
+def campaign_json(summary: CampaignSummary) -> dict[str, Any]:
+    values = [
+        summary.campaign_id, summary.name, summary.type, summary.tracked_sends,
+        summary.total_clicks, summary.unique_clicks, summary.click_rate, summary.bot_clicks,
+        iso(summary.first_send_at), iso(summary.last_send_at),
+    ]  # fmt: skip
+    return dict(zip(CAMPAIGN_FIELDS, values, strict=True))
+
+
+def link_json(link: LinkSummary, report: CampaignReport) -> dict[str, Any]:
+    total, sends = report.summary.total_clicks, report.summary.tracked_sends
+    return {
+        "link_id": link.link_id, "url": link.url, "total_clicks": link.total_clicks,
+        "unique_clicks": link.unique_clicks, "bot_clicks": link.bot_clicks,
+        "share": round(link.total_clicks / total, 4) if total else 0.0,
+        "click_rate": round(link.unique_clicks / sends, 4) if sends else 0.0,
+    }  # fmt: skip
+
+
+def report_json(report: CampaignReport) -> dict[str, Any]:
+    return {
+        **campaign_json(report.summary),
+        "links": [link_json(link, report) for link in report.links],
+        "untracked_links": [
+            {"url": u.url, "reason": u.reason, "count": u.count} for u in report.untracked
+        ],
+        "messages_by_decision": _decisions(report),
+    }
+
+
+def _decisions(report: CampaignReport) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for (decision, outcome), n in report.sends.items():
+        if outcome in ("accepted", "pending"):
+            counts[decision] = counts.get(decision, 0) + n
+    return counts
+
+
+def contacts_json(page: ContactPage) -> dict[str, Any]:
+    return {
+        "link_id": page.link.link_id,
+        "url": page.link.url,
+        "contacts": [
+            {
+                "contact_id": c.contact_id,
+                "email": c.email,
+                "clicks": c.clicks,
+                "first_click": iso(c.first_click),
+                "last_click": iso(c.last_click),
+            }
+            for c in page.contacts
+        ],
+        "next": page.next_cursor,
+    }
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def csv_response(name: str, header: list[str], rows: Iterable[Iterable[Any]]) -> web.Response:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([_cell(v) for v in row] for row in rows)
+    return web.Response(
+        body=buffer.getvalue().encode("utf-8"),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def _cell(value: Any) -> Any:
+    """Defuse spreadsheet formulas: a cell from mail starting with = + - @ gets a leading '."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+# ---------------------------------------------------------------- auth
+
+
+class BasicAuth:
+    """HTTP Basic auth against `[reports]`; hash checks run in a thread and are remembered."""
+
+    REMEMBER_SECONDS = 300
+
+    def __init__(self, settings: ReportsSettings) -> None:
+        self.settings = settings
+        self._key = secrets.token_bytes(32)
+        self._good: dict[bytes, float] = {}
+
+    async def check(self, header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user_ok = hmac.compare_digest(user.encode(), self.settings.username.encode())
+        if self.settings.password is not None:
+            password_ok = hmac.compare_digest(password.encode(), self.settings.password.encode())
+            return user_ok and password_ok
+        return user_ok and await self._check_hash(password)
+
+    async def _check_hash(self, password: str) -> bool:
+        assert self.settings.password_hash is not None
+        fingerprint = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
+        if self._good.get(fingerprint, 0.0) > time.monotonic():
+            return True
+        ok = await asyncio.to_thread(passwords.verify, password, self.settings.password_hash)
+        if ok:
+            self._good = {fingerprint: time.monotonic() + self.REMEMBER_SECONDS}
+        return ok
+
+
+def guarded(settings: Settings) -> Callable[[Handler], Handler]:
+    """Wrap a report handler: Basic auth first, security headers on every answer.
+
+    (A per-route wrapper rather than a middleware, so tracking-link redirects pay nothing.)
+    """
+    auth = BasicAuth(settings.reports)
+
+    def wrap(handler: Handler) -> Handler:
+        async def guarded_handler(request: web.Request) -> web.StreamResponse:
+            if not settings.reports.enabled:
+                return _plain(403, "Reports are off: set [reports] password or password_hash.\n")
+            if not await auth.check(request.headers.get("Authorization")):
+                response = _plain(401, "Authentication required.\n")
+                response.headers["WWW-Authenticate"] = 'Basic realm="clickrelay", charset="UTF-8"'
+                return response
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                _secure(exc)
+                raise
+            except StoreError as exc:
+                log.error("report failed, storage unavailable: %s", exc)
+                return _plain(503, "Storage is unavailable; try again shortly.\n")
+            return _secure(response)
+
+        return guarded_handler
+
+    return wrap
+
+
+def _secure(response: web.StreamResponse) -> web.StreamResponse:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def _plain(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, headers=SECURITY_HEADERS)
+
+
+# ---------------------------------------------------------------- pages, API, CSV
+
+LINK_SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "url": lambda link: link["url"].lower(),
+    "total_clicks": lambda link: link["total_clicks"],
+    "unique_clicks": lambda link: link["unique_clicks"],
+    "share": lambda link: link["share"],
+    "click_rate": lambda link: link["click_rate"],
+    "bot_clicks": lambda link: link["bot_clicks"],
+}
+
+
+class Reports:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("clickrelay", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.templates.filters["iso"] = iso
+        self.templates.filters["segment"] = lambda value: quote(str(value), safe="")
+        self.templates.filters["percent"] = lambda value: f"{value * 100:.1f}%"
+
+    def routes(self) -> list[web.RouteDef]:
+        """Every report route, each behind auth (`guarded`)."""
+        campaign = "/campaigns/{campaign_id}"
+        link = campaign + "/links/{link_id:\\d+}"
+        guard = guarded(self.settings)
+        return [
+            web.get(path, guard(handler))
+            for path, handler in [
+                ("/reports", self.campaigns_page),
+                ("/reports/export.csv", self.campaigns_csv),
+                ("/reports/static/reports.css", self.stylesheet),
+                ("/reports" + campaign, self.campaign_page),
+                ("/reports" + campaign + "/export.csv", self.links_csv),
+                ("/reports" + campaign + "/untracked/export.csv", self.untracked_csv),
+                ("/reports" + link, self.link_page),
+                ("/reports" + link + "/export.csv", self.contacts_csv),
+                ("/api/campaigns", self.campaigns_api),
+                ("/api" + campaign, self.campaign_api),
+                ("/api" + link, self.contacts_api),
+            ]
+        ]
+
+    # ------------------------------------------------------------ data
+
+    async def _campaigns(self, request: web.Request) -> tuple[list[CampaignSummary], str, bool]:
+        await self.store.roll_up()  # figures as of now, not as of the last roll-up
+        sort = request.query.get("sort", "last_send")
+        sort = sort if sort in CAMPAIGN_SORTS else "last_send"
+        descending = request.query.get("dir", "desc") != "asc"
+        search = request.query.get("q", "").strip()[:200] or None
+        return await self.store.campaigns(search, sort, descending), sort, descending
+
+    async def _report(self, request: web.Request) -> CampaignReport:
+        await self.store.roll_up()
+        report = await self.store.campaign_report(request.match_info["campaign_id"])
+        if report is None:
+            raise web.HTTPNotFound(text="No such campaign.\n")
+        return report
+
+    def _links(self, request: web.Request, report: CampaignReport) -> tuple[list[dict], str, bool]:
+        sort = request.query.get("sort", "total_clicks")
+        sort = sort if sort in LINK_SORTS else "total_clicks"
+        descending = request.query.get("dir", "desc") != "asc"
+        links = [link_json(link, report) for link in report.links]
+        return sorted(links, key=LINK_SORTS[sort], reverse=descending), sort, descending
+
+    async def _contacts(self, request: web.Request, limit: int) -> ContactPage:
+        await self.store.roll_up()
+        page = await self.store.link_contacts(
+            request.match_info["campaign_id"], int(request.match_info["link_id"]),
+            after=request.query.get("after"), limit=limit,
+        )  # fmt: skip
+        if page is None:
+            raise web.HTTPNotFound(text="No such link in this campaign.\n")
+        return page
+
+    # ------------------------------------------------------------ HTML
+
+    def _render(self, template: str, **context: Any) -> web.Response:
+        html = self.templates.get_template(template).render(**context)
+        return web.Response(text=html, content_type="text/html")
+
+    async def campaigns_page(self, request: web.Request) -> web.Response:
+        campaigns, sort, descending = await self._campaigns(request)
+        return self._render(
+            "campaigns.html", campaigns=campaigns, sort=sort, descending=descending,
+            search=request.query.get("q", ""), settings=self.settings,
+        )  # fmt: skip
+
+    async def campaign_page(self, request: web.Request) -> web.Response:
+        report = await self._report(request)
+        links, sort, descending = self._links(request, report)
+        return self._render(
+            "campaign.html", report=report, summary=report.summary, links=links, sort=sort,
+            descending=descending, chart=chart(timeline(report, time.time())),
+            link_reasons=LINK_REASONS, send_reasons=SEND_REASONS, sends=_decisions(report),
+            refused=sum(n for (_, o), n in report.sends.items() if o in ("refused", "deferred")),
+        )  # fmt: skip
+
+    async def link_page(self, request: web.Request) -> web.Response:
+        page = await self._contacts(request, PAGE_SIZE)
+        return self._render(
+            "link.html", page=page, campaign_id=request.match_info["campaign_id"],
+            first_page=not request.query.get("after"),
+        )  # fmt: skip
+
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        css = self.templates.loader.get_source(self.templates, "reports.css")[0]
+        return web.Response(text=css, content_type="text/css")
+
+    # ------------------------------------------------------------ JSON
+
+    async def campaigns_api(self, request: web.Request) -> web.Response:
+        campaigns, _, _ = await self._campaigns(request)
+        return web.json_response({"campaigns": [campaign_json(c) for c in campaigns]})
+
+    async def campaign_api(self, request: web.Request) -> web.Response:
+        return web.json_response(report_json(await self._report(request)))
+
+    async def contacts_api(self, request: web.Request) -> web.Response:
+        limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
+        return web.json_response(contacts_json(await self._contacts(request, limit)))
+
+    # ------------------------------------------------------------ CSV
+
+    async def campaigns_csv(self, request: web.Request) -> web.Response:
+        campaigns, _, _ = await self._campaigns(request)
+        rows = [campaign_json(c) for c in campaigns]
+        return csv_response("campaigns.csv", CAMPAIGN_FIELDS, [r.values() for r in rows])
+
+    async def links_csv(self, request: web.Request) -> web.Response:
+        report = await self._report(request)
+        links, _, _ = self._links(request, report)
+        header = ["link_id", "url", "total_clicks", "unique_clicks", "bot_clicks", "share",
+                  "click_rate"]  # fmt: skip
+        rows = [[link[key] for key in header] for link in links]
+        return csv_response(f"{report.summary.campaign_id}-links.csv", header, rows)
+
+    async def untracked_csv(self, request: web.Request) -> web.Response:
+        report = await self._report(request)
+        rows = [[u.url, u.reason, u.count] for u in report.untracked]
+        name = f"{report.summary.campaign_id}-untracked.csv"
+        return csv_response(name, ["url", "reason", "count"], rows)
+
+    async def contacts_csv(self, request: web.Request) -> web.Response:
+        await self.store.roll_up()
+        rows: list[list[Any]] = []
+        after = None
+        while True:  # every contact, one indexed page at a time
+            page = await self.store.link_contacts(
+                request.match_info["campaign_id"], int(request.match_info["link_id"]),
+                after=after, limit=API_PAGE_SIZE,
+            )  # fmt: skip
+            if page is None:
+                raise web.HTTPNotFound(text="No such link in this campaign.\n")
+            rows += [[c.contact_id, c.email, c.clicks, iso(c.first_click), iso(c.last_click)]
+                     for c in page.contacts]  # fmt: skip
+            if page.next_cursor is None:
+                break
+            after = page.next_cursor
+        header = ["contact_id", "email", "clicks", "first_click", "last_click"]
+        return csv_response(f"link-{page.link.link_id}-contacts.csv", header, rows)
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default

@@ -1,0 +1,75 @@
+"""Rewrite a message's HTML body parts: `plan` finds and judges every link, `apply` splices.
+
+Pure CPU work, no I/O: the pipeline stores the planned links between the two steps, so that the
+tracking URLs `apply` writes exist in the database before the message leaves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from clickrelay import links, mime
+from clickrelay.links import Link, LinkRules
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    decoded: mime.DecodedPart
+    judged: list[tuple[Link, str | None]]  # each link with None to track it, or the reason not
+
+    def changes(self) -> bool:
+        return any(reason is None or link.opt_out for link, reason in self.judged)
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    message: bytes
+    parts: list[PartPlan]
+    undecodable: int  # HTML body parts that could not be decoded exactly (left as they are)
+
+    def _judged(self) -> list[tuple[Link, str | None]]:
+        return [pair for part in self.parts for pair in part.judged]
+
+    @property
+    def tracked_urls(self) -> list[str]:
+        """Each URL to track once, in order of appearance (the same URL twice is one link)."""
+        return list(dict.fromkeys(link.url for link, reason in self._judged() if reason is None))
+
+    @property
+    def untracked(self) -> Counter[tuple[str, str]]:
+        return Counter((link.url, reason) for link, reason in self._judged() if reason)
+
+    def apply(self, tracking_urls: Mapping[str, str]) -> bytes:
+        """The message with each tracked link's href replaced by `tracking_urls[link.url]`."""
+        replacements = []
+        for part in self.parts:
+            if not part.changes():
+                continue  # nothing to do: keep the part's bytes, do not re-encode
+            edits = [
+                (link, tracking_urls[link.url] if reason is None else None)
+                for link, reason in part.judged
+            ]
+            replacements.append(mime.encode(part.decoded, links.splice(part.decoded.text, edits)))
+        return mime.splice(self.message, replacements) if replacements else self.message
+
+
+def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | None:
+    """Decode each HTML body part and judge its links; None if the message has no HTML body."""
+    entities = mime.html_body_parts(root)
+    if not entities:
+        return None
+    parts = []
+    for entity in entities:
+        decoded = mime.decode(message, entity)
+        if decoded is not None:
+            found = links.find_links(decoded.text)
+            parts.append(PartPlan(decoded, [(link, links.classify(link, rules)) for link in found]))
+    return RewritePlan(message, parts, undecodable=len(entities) - len(parts))
+
+
+def list_unsubscribe_urls(value: str) -> frozenset[str]:
+    """The URLs of a List-Unsubscribe header value (`<https://...>, <mailto:...>`)."""
+    return frozenset(url.strip() for url in re.findall(r"<([^<>]*)>", value) if url.strip())

@@ -1,0 +1,760 @@
+"""Storage: campaigns, sends, links, untracked links and clicks.
+
+`Store` is the whole interface the relay and the web service use; `SQLiteStore` implements it with
+aiosqlite (WAL, versioned migrations, parameterized SQL only). A PostgreSQL backend implements the
+same protocol without touching the relay or the web code.
+
+Writes go through one connection, serialised by a lock, one explicit transaction each. Report
+queries use a second, read-only connection so a slow report never delays a click or a send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """Storage is unavailable or refused an operation."""
+
+
+# What SQLite and aiosqlite raise when storage fails (aiosqlite: ValueError once closed).
+_FAILURES = (sqlite3.Error, ValueError)
+
+
+@dataclass(frozen=True)
+class NewSend:
+    campaign_key: str
+    campaign_name: str | None
+    campaign_type: str
+    contact_id: str | None
+    email: str | None
+    message_id: str | None
+    decision: str  # "tracked" or the reason it was not rewritten
+    tracked_urls: Sequence[str] = ()
+    untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RecordedSend:
+    send_id: int
+    sent_at: float
+    link_ids: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class LinkTarget:
+    link_id: int
+    campaign_id: int
+    url: str
+
+
+@dataclass(frozen=True)
+class NewClick:
+    """A hit on a tracking link. Its campaign and contact come from the send when it is stored;
+    a click whose send or link does not exist (or belongs to another campaign) is dropped."""
+
+    send_id: int
+    link_id: int
+    clicked_at: float
+    ip: str | None
+    user_agent: str | None
+    method: str
+    bot_reason: str | None  # None for a human click
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    campaign_id: str  # the X-Campaign-Id
+    name: str | None
+    type: str
+    tracked_sends: int
+    total_clicks: int  # human clicks
+    unique_clicks: int  # distinct contacts with a human click
+    bot_clicks: int
+    first_send_at: float
+    last_send_at: float
+
+    @property
+    def click_rate(self) -> float:
+        return round(self.unique_clicks / self.tracked_sends, 4) if self.tracked_sends else 0.0
+
+
+@dataclass(frozen=True)
+class LinkSummary:
+    link_id: int
+    url: str
+    total_clicks: int
+    unique_clicks: int
+    bot_clicks: int
+
+
+@dataclass(frozen=True)
+class UntrackedLink:
+    url: str
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class CampaignReport:
+    summary: CampaignSummary
+    links: list[LinkSummary]
+    untracked: list[UntrackedLink]
+    sends: dict[tuple[str, str], int]  # (decision, outcome) -> messages
+    hours: list[tuple[int, int, int]]  # (hour since the epoch, human clicks, bot clicks)
+
+
+@dataclass(frozen=True)
+class ContactClicks:
+    contact_id: str | None
+    email: str | None
+    send_id: int
+    clicks: int
+    first_click: float
+    last_click: float
+
+
+@dataclass(frozen=True)
+class ContactPage:
+    link: LinkSummary
+    contacts: list[ContactClicks]
+    next_cursor: str | None  # pass as `after` for the next page; None on the last page
+
+
+CAMPAIGN_SORTS = {
+    "last_send": "c.last_send_at",
+    "first_send": "c.first_send_at",
+    "name": "lower(coalesce(c.name, c.campaign_key))",
+    "type": "c.type",
+    "tracked_sends": "tracked_sends",
+    "total_clicks": "total_clicks",
+    "unique_clicks": "unique_clicks",
+    "click_rate": "CAST(unique_clicks AS REAL) / max(tracked_sends, 1)",
+    "bot_clicks": "bot_clicks",
+}
+
+
+class Store(Protocol):
+    instance_id: str
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless storage answers."""
+
+    async def record_send(self, send: NewSend) -> RecordedSend:
+        """Commit the send, its campaign, links and untracked-link counts; return the ids."""
+
+    async def set_send_decision(self, send_id: int, decision: str) -> None: ...
+
+    async def set_send_outcome(self, send_id: int, outcome: str) -> None:
+        """`accepted`, `refused` or `deferred`: only accepted (or pending) sends count as sent."""
+
+    async def get_link(self, link_id: int) -> LinkTarget | None: ...
+
+    async def add_clicks(
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
+    ) -> None:
+        """Commit a batch of clicks in one transaction. `bursts`: (send id, since) pairs whose
+        human clicks since then are re-marked as bot clicks (reason `burst`)."""
+
+    async def roll_up(self) -> int:
+        """Add the clicks stored since the last roll-up to the report counters; how many."""
+
+    async def campaigns(
+        self, search: str | None = None, sort: str = "last_send", descending: bool = True,
+        limit: int = 500,
+    ) -> list[CampaignSummary]:  # fmt: skip
+        """Campaigns with their figures (as of the last roll-up); `sort`: CAMPAIGN_SORTS."""
+
+    async def campaign_report(self, campaign_id: str) -> CampaignReport | None: ...
+
+    async def link_contacts(
+        self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
+    ) -> ContactPage | None:
+        """Contacts with human clicks on a link, most recent first, one page at a time."""
+
+
+# ---------------------------------------------------------------- schema
+
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the initial schema. Report figures live in counter tables, so a report reads a few
+        # rows however many sends and clicks there are. Sends are counted by triggers; clicks
+        # are rolled up in batches (`roll_up`), keeping the click path to one small insert.
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE campaigns (
+            id INTEGER PRIMARY KEY,
+            campaign_key TEXT NOT NULL UNIQUE,
+            name TEXT,
+            type TEXT NOT NULL,
+            first_send_at REAL NOT NULL,
+            last_send_at REAL NOT NULL)""",
+        """CREATE TABLE sends (
+            id INTEGER PRIMARY KEY,
+            campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+            contact_id TEXT,
+            email TEXT,
+            message_id TEXT,
+            decision TEXT NOT NULL,
+            outcome TEXT NOT NULL DEFAULT 'pending',
+            sent_at REAL NOT NULL)""",
+        "CREATE INDEX sends_by_campaign ON sends (campaign_id)",
+        """CREATE TABLE links (
+            id INTEGER PRIMARY KEY,
+            campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+            url TEXT NOT NULL,
+            UNIQUE (campaign_id, url))""",
+        """CREATE TABLE untracked_links (
+            campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+            url TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (campaign_id, url, reason))""",
+        """CREATE TABLE clicks (
+            id INTEGER PRIMARY KEY,
+            campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+            link_id INTEGER NOT NULL REFERENCES links(id),
+            send_id INTEGER NOT NULL REFERENCES sends(id),
+            contact_key TEXT NOT NULL,
+            clicked_at REAL NOT NULL,
+            ip TEXT,
+            user_agent TEXT,
+            method TEXT NOT NULL,
+            bot_reason TEXT)""",
+        "CREATE INDEX clicks_by_send ON clicks (send_id, clicked_at)",
+        # ---- counters
+        """CREATE TABLE campaign_sends (
+            campaign_id INTEGER NOT NULL, decision TEXT NOT NULL, outcome TEXT NOT NULL,
+            n INTEGER NOT NULL, PRIMARY KEY (campaign_id, decision, outcome))""",
+        """CREATE TABLE campaign_stats (
+            campaign_id INTEGER PRIMARY KEY, human_clicks INTEGER NOT NULL DEFAULT 0,
+            bot_clicks INTEGER NOT NULL DEFAULT 0, unique_clickers INTEGER NOT NULL DEFAULT 0)""",
+        """CREATE TABLE campaign_contacts (
+            campaign_id INTEGER NOT NULL, contact_key TEXT NOT NULL,
+            human_clicks INTEGER NOT NULL, PRIMARY KEY (campaign_id, contact_key))""",
+        """CREATE TABLE link_stats (
+            link_id INTEGER PRIMARY KEY, campaign_id INTEGER NOT NULL,
+            human_clicks INTEGER NOT NULL DEFAULT 0, bot_clicks INTEGER NOT NULL DEFAULT 0,
+            unique_contacts INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX link_stats_by_campaign ON link_stats (campaign_id)",
+        """CREATE TABLE link_contacts (
+            link_id INTEGER NOT NULL, contact_key TEXT NOT NULL, send_id INTEGER NOT NULL,
+            human_clicks INTEGER NOT NULL, bot_clicks INTEGER NOT NULL,
+            first_click REAL, last_click REAL, PRIMARY KEY (link_id, contact_key))""",
+        """CREATE INDEX link_contacts_recent ON link_contacts (link_id, last_click DESC,
+            contact_key) WHERE human_clicks > 0""",
+        """CREATE TABLE click_hours (
+            campaign_id INTEGER NOT NULL, hour INTEGER NOT NULL, human INTEGER NOT NULL,
+            bot INTEGER NOT NULL, PRIMARY KEY (campaign_id, hour))""",
+        """CREATE TRIGGER sends_counted AFTER INSERT ON sends BEGIN
+            INSERT INTO campaign_sends VALUES (NEW.campaign_id, NEW.decision, NEW.outcome, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        END""",
+        """CREATE TRIGGER sends_recounted AFTER UPDATE OF decision, outcome ON sends BEGIN
+            UPDATE campaign_sends SET n = n - 1 WHERE campaign_id = OLD.campaign_id
+                AND decision = OLD.decision AND outcome = OLD.outcome;
+            INSERT INTO campaign_sends VALUES (NEW.campaign_id, NEW.decision, NEW.outcome, 1)
+            ON CONFLICT DO UPDATE SET n = n + 1;
+        END""",
+        # A click judged a bot after it was rolled up (a burst) moves from human to bot.
+        """CREATE TRIGGER clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+        WHEN OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
+            AND NEW.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
+        BEGIN
+            UPDATE link_stats SET human_clicks = human_clicks - 1, bot_clicks = bot_clicks + 1
+                WHERE link_id = NEW.link_id;
+            UPDATE link_contacts SET human_clicks = human_clicks - 1, bot_clicks = bot_clicks + 1,
+                first_click = iif(human_clicks > 1, first_click, NULL),
+                last_click = iif(human_clicks > 1, last_click, NULL)
+                WHERE link_id = NEW.link_id AND contact_key = NEW.contact_key;
+            UPDATE campaign_stats SET human_clicks = human_clicks - 1, bot_clicks = bot_clicks + 1
+                WHERE campaign_id = NEW.campaign_id;
+            UPDATE campaign_contacts SET human_clicks = human_clicks - 1
+                WHERE campaign_id = NEW.campaign_id AND contact_key = NEW.contact_key;
+            UPDATE click_hours SET human = human - 1, bot = bot + 1
+                WHERE campaign_id = NEW.campaign_id
+                AND hour = CAST(NEW.clicked_at / 3600 AS INT);
+        END""",
+        """CREATE TRIGGER link_contacts_new AFTER INSERT ON link_contacts
+        WHEN NEW.human_clicks > 0 BEGIN
+            UPDATE link_stats SET unique_contacts = unique_contacts + 1
+                WHERE link_id = NEW.link_id;
+        END""",
+        """CREATE TRIGGER link_contacts_changed AFTER UPDATE OF human_clicks ON link_contacts
+        WHEN (OLD.human_clicks > 0) != (NEW.human_clicks > 0) BEGIN
+            UPDATE link_stats SET unique_contacts = unique_contacts
+                + iif(NEW.human_clicks > 0, 1, -1) WHERE link_id = NEW.link_id;
+        END""",
+        """CREATE TRIGGER campaign_contacts_new AFTER INSERT ON campaign_contacts
+        WHEN NEW.human_clicks > 0 BEGIN
+            UPDATE campaign_stats SET unique_clickers = unique_clickers + 1
+                WHERE campaign_id = NEW.campaign_id;
+        END""",
+        """CREATE TRIGGER campaign_contacts_changed
+        AFTER UPDATE OF human_clicks ON campaign_contacts
+        WHEN (OLD.human_clicks > 0) != (NEW.human_clicks > 0) BEGIN
+            UPDATE campaign_stats SET unique_clickers = unique_clickers
+                + iif(NEW.human_clicks > 0, 1, -1) WHERE campaign_id = NEW.campaign_id;
+        END""",
+    ],
+]
+
+LINK_CACHE_SIZE = 50_000
+CHECKPOINT_SECONDS = 1.0
+# Each takes the clicks with :last < id <= :top and adds them to a counter table. The stats
+# rows go first: the triggers on the *_contacts tables count unique clickers into them.
+_ROLL_UP = [
+    """INSERT INTO campaign_stats (campaign_id, human_clicks, bot_clicks)
+    SELECT campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL)
+    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id
+    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
+        bot_clicks = bot_clicks + excluded.bot_clicks""",
+    """INSERT INTO link_stats (link_id, campaign_id, human_clicks, bot_clicks)
+    SELECT link_id, campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL)
+    FROM clicks WHERE id > :last AND id <= :top GROUP BY link_id
+    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
+        bot_clicks = bot_clicks + excluded.bot_clicks""",
+    """INSERT INTO campaign_contacts (campaign_id, contact_key, human_clicks)
+    SELECT campaign_id, contact_key, sum(bot_reason IS NULL)
+    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id, contact_key
+    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks""",
+    """INSERT INTO link_contacts (link_id, contact_key, send_id, human_clicks, bot_clicks,
+                               first_click, last_click)
+    SELECT link_id, contact_key, max(send_id), sum(bot_reason IS NULL),
+        sum(bot_reason IS NOT NULL), min(iif(bot_reason IS NULL, clicked_at, NULL)),
+        max(iif(bot_reason IS NULL, clicked_at, NULL))
+    FROM clicks WHERE id > :last AND id <= :top GROUP BY link_id, contact_key
+    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
+        bot_clicks = bot_clicks + excluded.bot_clicks, send_id = excluded.send_id,
+        first_click = coalesce(min(first_click, excluded.first_click), first_click,
+                               excluded.first_click),
+        last_click = coalesce(max(last_click, excluded.last_click), last_click,
+                              excluded.last_click)""",
+    """INSERT INTO click_hours (campaign_id, hour, human, bot)
+    SELECT campaign_id, CAST(clicked_at / 3600 AS INT) AS hour, sum(bot_reason IS NULL),
+        sum(bot_reason IS NOT NULL)
+    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id, hour
+    ON CONFLICT DO UPDATE SET human = human + excluded.human, bot = bot + excluded.bot""",
+]
+_INSERT_CLICKS = """
+    INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
+                        method, bot_reason)
+    SELECT s.campaign_id, l.id, s.id, coalesce(s.contact_id, '#' || s.id), c.value ->> 2,
+           c.value ->> 3, c.value ->> 4, c.value ->> 5, c.value ->> 6
+    FROM json_each(?) c
+    JOIN sends s ON s.id = c.value ->> 0
+    JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id"""
+
+
+class SQLiteStore:
+    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.instance_id = ""
+        self._db: aiosqlite.Connection | None = None
+        self._read: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._campaigns: dict[str, tuple[int, str | None, str]] = {}
+        self._links: OrderedDict[tuple[int, str], int] = OrderedDict()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await self._connect()
+            await self._migrate()
+            self._read = await self._connect(read_only=True)
+            self._checkpointer = asyncio.create_task(self._checkpoint_regularly())
+            self.instance_id = await self._scalar("SELECT value FROM meta WHERE key = 'instance'")
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            await self.close()
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+
+    async def _connect(self, read_only: bool = False) -> aiosqlite.Connection:
+        if read_only:
+            db = await aiosqlite.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout = 10000")
+        if read_only:
+            return db
+        await db.execute("PRAGMA journal_mode = WAL")
+        # Checkpoints (which fsync) run in the background, not inside a click's commit.
+        await db.execute("PRAGMA wal_autocheckpoint = 0")
+        await db.execute(
+            f"PRAGMA synchronous = {'FULL' if self.synchronous == 'full' else 'NORMAL'}"
+        )
+        await db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            version = await self._scalar("PRAGMA user_version")
+            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    await db.execute(statement)
+                if number == 1:
+                    await db.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [("instance", secrets.token_hex(16)), ("rolled_up", "0")],
+                    )
+                await db.execute(f"PRAGMA user_version = {number}")
+                log.info("storage: migrated %s to schema version %d", self.path, number)
+
+    async def _checkpoint_regularly(self) -> None:
+        """Copy the WAL into the database file every second, on a connection of its own
+        (PASSIVE: it never blocks a writer, and its fsyncs delay no commit)."""
+        db = await self._connect()
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_SECONDS)
+                try:
+                    await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("storage: checkpoint failed: %s", exc)
+        finally:
+            await db.close()
+
+    async def close(self) -> None:
+        """Close the connections, after any write transaction under way has finished."""
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
+        async with self._lock:
+            for name in ("_read", "_db"):
+                db = getattr(self, name)
+                if db is not None:
+                    setattr(self, name, None)
+                    await db.close()
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("storage is closed")
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error."""
+        async with self._lock:
+            db = self._connection()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = await self._row(sql, params)
+        return row[0] if row else None
+
+    async def ping(self) -> None:
+        await self._scalar("SELECT 1")
+
+    # ------------------------------------------------------------ the relay's writes
+
+    async def record_send(self, send: NewSend) -> RecordedSend:
+        try:
+            async with self._transaction() as db:
+                campaign_id = await self._campaign(db, send)
+                new_links = await self._link_ids(db, campaign_id, send.tracked_urls)
+                cursor = await db.execute(
+                    "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
+                    " sent_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (campaign_id, send.contact_id, send.email, send.message_id, send.decision,
+                     send.sent_at),
+                )  # fmt: skip
+                send_id = cursor.lastrowid
+                await db.executemany(
+                    "INSERT INTO untracked_links (campaign_id, url, reason, count)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (campaign_id, url, reason)"
+                    " DO UPDATE SET count = count + excluded.count",
+                    [(campaign_id, url, reason, n) for (url, reason), n in send.untracked.items()],
+                )
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+        self._campaigns[send.campaign_key] = (campaign_id, send.campaign_name, send.campaign_type)
+        for url, link_id in new_links.items():
+            self._remember_link(campaign_id, url, link_id)
+        link_ids = {url: self._links[(campaign_id, url)] for url in send.tracked_urls}
+        assert send_id is not None
+        return RecordedSend(send_id, send.sent_at, link_ids)
+
+    async def _campaign(self, db: aiosqlite.Connection, send: NewSend) -> int:
+        cached = self._campaigns.get(send.campaign_key)
+        if cached is not None and cached[1:] == (send.campaign_name, send.campaign_type):
+            await db.execute(
+                "UPDATE campaigns SET last_send_at = ? WHERE id = ?", (send.sent_at, cached[0])
+            )
+            return cached[0]
+        await db.execute(
+            "INSERT INTO campaigns (campaign_key, name, type, first_send_at, last_send_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (campaign_key) DO UPDATE SET"
+            " name = coalesce(excluded.name, name), type = excluded.type,"
+            " last_send_at = excluded.last_send_at",
+            (send.campaign_key, send.campaign_name, send.campaign_type, send.sent_at,
+             send.sent_at),
+        )  # fmt: skip
+        return await self._scalar(
+            "SELECT id FROM campaigns WHERE campaign_key = ?", (send.campaign_key,)
+        )
+
+    async def _link_ids(
+        self, db: aiosqlite.Connection, campaign_id: int, urls: Sequence[str]
+    ) -> dict[str, int]:
+        """Ids for the URLs not in the cache, creating rows as needed (committed by the caller)."""
+        missing = [url for url in dict.fromkeys(urls) if (campaign_id, url) not in self._links]
+        if not missing:
+            for url in urls:
+                self._links.move_to_end((campaign_id, url))
+            return {}
+        await db.executemany(
+            "INSERT INTO links (campaign_id, url) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            [(campaign_id, url) for url in missing],
+        )
+        found: dict[str, int] = {}
+        for chunk in _chunks(missing, 500):
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT url, id FROM links WHERE campaign_id = ? AND url IN ({marks})",  # noqa: S608
+                (campaign_id, *chunk),
+            ) as cursor:
+                found.update({row["url"]: row["id"] for row in await cursor.fetchall()})
+        return found
+
+    def _remember_link(self, campaign_id: int, url: str, link_id: int) -> None:
+        self._links[(campaign_id, url)] = link_id
+        if len(self._links) > LINK_CACHE_SIZE:
+            self._links.popitem(last=False)
+
+    async def set_send_decision(self, send_id: int, decision: str) -> None:
+        await self._write("UPDATE sends SET decision = ? WHERE id = ?", (decision, send_id))
+
+    async def set_send_outcome(self, send_id: int, outcome: str) -> None:
+        await self._write("UPDATE sends SET outcome = ? WHERE id = ?", (outcome, send_id))
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            async with self._transaction() as db:
+                await db.execute(sql, params)
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+
+    # ------------------------------------------------------------ the web service
+
+    async def get_link(self, link_id: int) -> LinkTarget | None:
+        rows = await self._query("SELECT id, campaign_id, url FROM links WHERE id = ?", (link_id,))
+        return LinkTarget(rows[0]["id"], rows[0]["campaign_id"], rows[0]["url"]) if rows else None
+
+    async def add_clicks(
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
+    ) -> None:
+        # One statement for the whole batch (rows passed as one JSON parameter): a single trip
+        # to the database thread, atomic on its own, the counters kept by the triggers.
+        rows = json.dumps([
+            [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason]
+            for c in clicks
+        ])  # fmt: skip
+        try:
+            if not bursts:
+                async with self._lock:
+                    await self._connection().execute(_INSERT_CLICKS, (rows,))
+                return
+            async with self._transaction() as db:
+                await db.execute(_INSERT_CLICKS, (rows,))
+                await db.executemany(
+                    "UPDATE clicks SET bot_reason = 'burst' WHERE send_id = ?"
+                    " AND clicked_at >= ? AND bot_reason IS NULL",
+                    bursts,
+                )
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def roll_up(self) -> int:
+        try:
+            async with self._transaction() as db:
+                last = int(await self._scalar("SELECT value FROM meta WHERE key = 'rolled_up'"))
+                top = await self._scalar("SELECT max(id) FROM clicks") or 0
+                if top <= last:
+                    return 0
+                for statement in _ROLL_UP:
+                    await db.execute(statement, {"last": last, "top": top})
+                await db.execute("UPDATE meta SET value = ? WHERE key = 'rolled_up'", (str(top),))
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+        return top - last
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        if self._db is None:
+            raise StoreError("storage is closed")
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return await cursor.fetchone()
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+
+    # ------------------------------------------------------------ reports (read connection)
+
+    _SUMMARY = """
+        SELECT c.id, c.campaign_key, c.name, c.type, c.first_send_at, c.last_send_at,
+            coalesce((SELECT sum(n) FROM campaign_sends s WHERE s.campaign_id = c.id
+                AND s.decision = 'tracked' AND s.outcome IN ('accepted', 'pending')), 0)
+                AS tracked_sends,
+            coalesce(st.human_clicks, 0) AS total_clicks,
+            coalesce(st.unique_clickers, 0) AS unique_clicks,
+            coalesce(st.bot_clicks, 0) AS bot_clicks
+        FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""
+
+    async def campaigns(
+        self, search: str | None = None, sort: str = "last_send", descending: bool = True,
+        limit: int = 500,
+    ) -> list[CampaignSummary]:  # fmt: skip
+        order = CAMPAIGN_SORTS[sort] + (" DESC" if descending else " ASC")
+        pattern = None
+        if search:
+            pattern = (
+                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            )
+        rows = await self._query(
+            f"{self._SUMMARY} WHERE (:q IS NULL OR c.campaign_key LIKE :q ESCAPE '\\'"
+            f" OR c.name LIKE :q ESCAPE '\\') ORDER BY {order}, c.id DESC LIMIT :limit",
+            {"q": pattern, "limit": limit},
+        )
+        return [_summary(row) for row in rows]
+
+    async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
+        rows = await self._query(f"{self._SUMMARY} WHERE c.campaign_key = ?", (campaign_id,))
+        if not rows:
+            return None
+        db_id = rows[0]["id"]
+        links = await self._query(
+            "SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,"
+            " coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots"
+            " FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"
+            " WHERE l.campaign_id = ? ORDER BY total DESC, l.id",
+            (db_id,),
+        )
+        untracked = await self._query(
+            "SELECT url, reason, count FROM untracked_links WHERE campaign_id = ?"
+            " ORDER BY count DESC, reason, url",
+            (db_id,),
+        )
+        sends = await self._query(
+            "SELECT decision, outcome, n FROM campaign_sends WHERE campaign_id = ? AND n > 0",
+            (db_id,),
+        )
+        hours = await self._query(
+            "SELECT hour, human, bot FROM click_hours WHERE campaign_id = ? ORDER BY hour",
+            (db_id,),
+        )
+        return CampaignReport(
+            summary=_summary(rows[0]),
+            links=[LinkSummary(r["id"], r["url"], r["total"], r["uniq"], r["bots"]) for r in links],
+            untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in untracked],
+            sends={(r["decision"], r["outcome"]): r["n"] for r in sends},
+            hours=[(r["hour"], r["human"], r["bot"]) for r in hours],
+        )
+
+    async def link_contacts(
+        self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
+    ) -> ContactPage | None:
+        links = await self._query(
+            "SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,"
+            " coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots"
+            " FROM links l JOIN campaigns c ON c.id = l.campaign_id"
+            " LEFT JOIN link_stats ls ON ls.link_id = l.id"
+            " WHERE l.id = ? AND c.campaign_key = ?",
+            (link_id, campaign_id),
+        )
+        if not links:
+            return None
+        row = links[0]
+        link = LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
+        last, key = _decode_cursor(after)
+        rows = await self._query(
+            "SELECT lc.contact_key, lc.send_id, lc.human_clicks, lc.first_click, lc.last_click,"
+            " s.contact_id, s.email FROM link_contacts lc JOIN sends s ON s.id = lc.send_id"
+            " WHERE lc.link_id = ? AND lc.human_clicks > 0"
+            " AND (lc.last_click, lc.contact_key) < (?, ?)"
+            " ORDER BY lc.last_click DESC, lc.contact_key DESC LIMIT ?",
+            (link_id, last, key, limit + 1),
+        )
+        contacts = [
+            ContactClicks(r["contact_id"], r["email"], r["send_id"], r["human_clicks"],
+                          r["first_click"], r["last_click"])
+            for r in rows[:limit]
+        ]  # fmt: skip
+        more = len(rows) > limit
+        cursor = _encode_cursor(rows[limit - 1]) if more else None
+        return ContactPage(link, contacts, cursor)
+
+    async def _query(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any]
+    ) -> list[sqlite3.Row]:
+        if self._read is None:
+            raise StoreError("storage is closed")
+        try:
+            async with self._read.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+
+
+def _summary(row: sqlite3.Row) -> CampaignSummary:
+    return CampaignSummary(
+        campaign_id=row["campaign_key"], name=row["name"], type=row["type"],
+        tracked_sends=row["tracked_sends"], total_clicks=row["total_clicks"],
+        unique_clicks=row["unique_clicks"], bot_clicks=row["bot_clicks"],
+        first_send_at=row["first_send_at"], last_send_at=row["last_send_at"],
+    )  # fmt: skip
+
+
+def _encode_cursor(row: sqlite3.Row) -> str:
+    data = json.dumps([row["last_click"], row["contact_key"]]).encode()
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[float, str]:
+    """(last click, contact key) to continue after; the first page for none or a bad one."""
+    first_page = (float("inf"), "")
+    if not cursor:
+        return first_page
+    try:
+        last, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return float(last), str(key)
+    except (ValueError, TypeError):
+        return first_page
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def open_store(path: Path, synchronous: str = "normal") -> SQLiteStore:
+    store = SQLiteStore(path, synchronous)
+    await store.open()
+    return store

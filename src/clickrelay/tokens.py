@@ -1,0 +1,86 @@
+"""Tracking tokens: send, link and send time, signed with HMAC-SHA256, 32 URL-safe characters.
+
+Layout before base64url: send id (5 bytes) | link id (4 bytes) | send time (3 bytes: seconds,
+modulo 2**24, about 194 days) | MAC (12 bytes) = 24 bytes, so every token has exactly 32
+characters whatever the URL. Carrying the send time lets a click be judged (too soon after the
+send?) without a database read. The key is derived from the secret file and the database's
+instance id: a recreated database invalidates old tokens instead of sending their clicks to
+whatever link now has the same id.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from pathlib import Path
+from typing import NamedTuple
+
+from clickrelay import secretfile
+
+TOKEN_LENGTH = 32
+MAX_SEND_ID = 2**40 - 1
+MAX_LINK_ID = 2**32 - 1
+SENT_WRAP = 2**24  # the send time is kept modulo this many seconds
+_MAC_BYTES = 12
+_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+class TokenData(NamedTuple):
+    send_id: int
+    link_id: int
+    sent: int  # the send time in seconds, modulo SENT_WRAP
+
+    def seconds_since_send(self, now: float) -> int:
+        """Seconds from the send to `now` (wraps after ~194 days, far past any bot rule)."""
+        return (int(now) - self.sent) % SENT_WRAP
+
+
+class Signer:
+    def __init__(self, secret: bytes, context: str) -> None:
+        self._key = hmac.new(secret, b"clickrelay token v1\0" + context.encode(), "sha256").digest()
+
+    def sign(self, send_id: int, link_id: int, sent_at: float) -> str:
+        if not (0 < send_id <= MAX_SEND_ID and 0 < link_id <= MAX_LINK_ID):
+            raise ValueError("id out of range for a token")
+        payload = (
+            send_id.to_bytes(5, "big")
+            + link_id.to_bytes(4, "big")
+            + (int(sent_at) % SENT_WRAP).to_bytes(3, "big")
+        )
+        token = base64.urlsafe_b64encode(payload + self._mac(payload))
+        return token.decode("ascii")
+
+    def verify(self, token: str) -> TokenData | None:
+        """What the token carries if it is genuine, else None. Never raises."""
+        if not _SHAPE.fullmatch(token):
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(token)
+        except (binascii.Error, ValueError):
+            return None
+        payload, mac = raw[:12], raw[12:]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        return TokenData(
+            int.from_bytes(payload[:5], "big"),
+            int.from_bytes(payload[5:9], "big"),
+            int.from_bytes(payload[9:], "big"),
+        )
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def load_secret(path: Path) -> bytes:
+    """The signing secret from `path`, created (64 hex characters, mode 0600) on first use.
+
+    Raises ValueError if the file holds fewer than 16 bytes, OSError if it cannot be read.
+    """
+    secret = secretfile.read_or_create(path, lambda: secrets.token_hex(32).encode()).strip()
+    if len(secret) < 16:
+        raise ValueError(f"{path} holds fewer than 16 bytes; delete it to have a new one made")
+    return secret

@@ -1,0 +1,206 @@
+"""MIME in the raw bytes: structure, decoding, re-encoding, splicing (own fixtures only)."""
+
+from __future__ import annotations
+
+import base64
+import email
+import quopri
+
+import pytest
+
+from clickrelay import mime
+
+ALTERNATIVE = (
+    b"From: a@example.com\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="BOUND"\r\n'
+    b"\r\n"
+    b"This is the preamble.\r\n"
+    b"--BOUND\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Plain text.\r\n"
+    b"--BOUND\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"\r\n"
+    b'<p>Caf=C3=A9 <a href=3D"https://example.com/a?x=3D1&amp;y=3D2">go</a></p>\r\n'
+    b"--BOUND--\r\n"
+    b"The epilogue.\r\n"
+)
+
+
+def html_of(raw: bytes) -> list[str]:
+    """What the email package sees as the HTML body parts (the independent reference)."""
+    msg = email.message_from_bytes(raw)
+    return [
+        part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8")
+        for part in msg.walk()
+        if part.get_content_type() == "text/html" and part.get_content_disposition() != "attachment"
+    ]
+
+
+def test_structure_offsets_and_html_parts():
+    root = mime.parse(ALTERNATIVE)
+    assert root.content_type == "multipart/alternative"
+    plain, html = root.children
+    assert ALTERNATIVE[plain.body_start : plain.end] == b"Plain text."
+    assert ALTERNATIVE[html.start : html.body_start].startswith(b"Content-Type: text/html")
+    assert mime.html_body_parts(root) == [html]
+    assert not mime.is_signed_or_encrypted(root)
+
+
+def test_decode_then_encode_unchanged_text_is_byte_identical():
+    root = mime.parse(ALTERNATIVE)
+    part = mime.decode(ALTERNATIVE, mime.html_body_parts(root)[0])
+    assert part is not None
+    assert part.text == '<p>Café <a href="https://example.com/a?x=1&amp;y=2">go</a></p>'
+    rep = mime.encode(part, part.text)
+    assert mime.splice(ALTERNATIVE, [rep]) == ALTERNATIVE
+
+
+def test_splice_changes_only_the_part_body():
+    root = mime.parse(ALTERNATIVE)
+    part = mime.decode(ALTERNATIVE, mime.html_body_parts(root)[0])
+    new = mime.splice(ALTERNATIVE, [mime.encode(part, part.text.replace("go", "gone"))])
+    html = root.children[1]
+    assert new[: html.body_start] == ALTERNATIVE[: html.body_start]
+    tail = ALTERNATIVE[html.end :]
+    assert new.endswith(tail) and tail.startswith(b"\r\n--BOUND--\r\nThe epilogue.")
+    assert html_of(new) == [part.text.replace("go", "gone")]
+
+
+def single(ctype: str, cte: str | None, body: bytes, extra: str = "") -> bytes:
+    head = f"From: a@example.com\r\nContent-Type: {ctype}\r\n{extra}"
+    if cte:
+        head += f"Content-Transfer-Encoding: {cte}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("charset", "text"),
+    [
+        ("iso-8859-1", "<p>Grüße, señor</p>\r\n"),
+        ("windows-1252", "<p>“Smart quotes” – €5</p>\r\n"),
+        ("utf-8", "<p>日本語 ✓ 𝄞</p>\r\n"),
+        ("iso-2022-jp", "<p>日本語のメール</p>\r\n"),
+    ],
+)
+@pytest.mark.parametrize("cte", [None, "8bit", "quoted-printable", "base64"])
+def test_charsets_and_transfer_encodings_round_trip(charset, text, cte):
+    data = text.encode(charset)
+    body = {
+        "quoted-printable": quopri.encodestring(data),
+        "base64": base64.encodebytes(data).replace(b"\n", b"\r\n"),
+    }.get(cte, data)
+    raw = single(f"text/html; charset={charset}", cte, body)
+    part = mime.decode(raw, mime.parse(raw))
+    assert part is not None and part.text == text
+    changed = text.replace("<p>", '<p class="x">')
+    new = mime.splice(raw, [mime.encode(part, changed)])
+    assert html_of(new) == [changed]
+    assert new.count(charset.encode()) == 1  # the charset is kept
+
+
+def test_base64_keeps_line_length_and_line_ends():
+    data = ("<p>" + "x" * 300 + "</p>").encode()
+    raw = single(
+        "text/html; charset=utf-8", "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+    )
+    entity = mime.parse(raw)
+    new = mime.splice(raw, [mime.encode(mime.decode(raw, entity), "<p>" + "y" * 400 + "</p>")])
+    lines = new[entity.body_start :].split(b"\r\n")
+    assert max(map(len, lines)) == 76
+    assert b"\n" not in new.replace(b"\r\n", b"")
+
+
+def test_long_7bit_line_switches_to_quoted_printable():
+    raw = single("text/html; charset=utf-8", "7bit", b"<p>short</p>\r\n")
+    part = mime.decode(raw, mime.parse(raw))
+    rep = mime.encode(part, "<p>" + "z" * 1200 + "</p>\r\n")
+    new = mime.splice(raw, [rep])
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in new
+    assert b"Content-Transfer-Encoding: 7bit" not in new
+    assert max(len(line) for line in new.split(b"\r\n")) <= 998
+    assert html_of(new) == ["<p>" + "z" * 1200 + "</p>\r\n"]
+
+
+def test_long_line_without_transfer_encoding_header_gets_one():
+    raw = single("text/html; charset=utf-8", None, b"<p>short</p>\r\n")
+    part = mime.decode(raw, mime.parse(raw))
+    new = mime.splice(raw, [mime.encode(part, "<p>" + "z" * 1200 + "</p>\r\n")])
+    assert new.startswith(
+        b"From: a@example.com\r\nContent-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ctype", "cte", "body"),
+    [
+        ("text/html; charset=us-ascii", "8bit", "caf\u00e9".encode("latin-1")),
+        ("text/html; charset=no-such-charset", "7bit", b"<p>x</p>"),
+        ("text/html; charset=utf-8", "base64", b"PHA+eDwvcD4=\r\n!!not base64!!"),
+        ("text/html; charset=utf-8", "x-uuencode", b"begin 644 x\r\n"),
+        ("text/html; charset=utf-8", "8bit", b"\xff\xfe broken utf-8"),
+    ],
+)
+def test_parts_that_cannot_be_decoded_exactly_are_left_alone(ctype, cte, body):
+    raw = single(ctype, cte, body)
+    assert mime.decode(raw, mime.parse(raw)) is None
+
+
+def test_misspelled_transfer_encodings_are_understood():
+    raw = single("text/html; charset=utf-8", "8bits", b"<p>x</p>")
+    assert mime.parse(raw).transfer_encoding == "8bit"
+    assert mime.decode(raw, mime.parse(raw)).text == "<p>x</p>"
+
+
+NESTED = (
+    b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n"
+    b"--outer\r\n"
+    b"Content-Type: multipart/related; boundary=inner\r\n\r\n"
+    b"--inner\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<p>body</p>\r\n"
+    b"--inner\r\n"
+    b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n"
+    b"--inner--\r\n"
+    b"--outer\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b'Content-Disposition: attachment; filename="page.html"\r\n\r\n'
+    b"<p>attached page</p>\r\n"
+    b"--outer\r\n"
+    b"Content-Type: message/rfc822\r\n\r\n"
+    b"Content-Type: text/html\r\n\r\n<p>forwarded mail</p>\r\n"
+    b"--outer--\r\n"
+)
+
+
+def test_only_body_html_is_chosen():
+    root = mime.parse(NESTED)
+    parts = mime.html_body_parts(root)
+    assert [NESTED[p.body_start : p.end] for p in parts] == [b"<p>body</p>"]
+
+
+def test_missing_close_delimiter_ends_the_last_part_at_the_end():
+    raw = b"Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n" + (
+        b"Content-Type: text/html\r\n\r\n<p>unterminated</p>\r\n"
+    )
+    (part,) = mime.html_body_parts(mime.parse(raw))
+    assert raw[part.body_start : part.end] == b"<p>unterminated</p>\r\n"
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["multipart/signed; protocol=x; boundary=s", "multipart/encrypted; boundary=s",
+     "application/pkcs7-mime; smime-type=enveloped-data"],
+)  # fmt: skip
+def test_signed_or_encrypted_is_detected(ctype):
+    raw = f"Content-Type: {ctype}\r\n\r\n--s\r\nContent-Type: text/html\r\n\r\n<p/>\r\n--s--\r\n"
+    assert mime.is_signed_or_encrypted(mime.parse(raw.encode()))
+
+
+def test_message_without_headers_or_separator():
+    assert mime.html_body_parts(mime.parse(b"just a body line\r\n")) == []
+    assert mime.parse(b"Subject: x\r\nno blank line, body starts here\r\n").body_start == 12

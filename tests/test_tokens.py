@@ -1,0 +1,75 @@
+"""Tracking tokens: fixed length, URL-safe, forgery-proof."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clickrelay.tokens import MAX_LINK_ID, MAX_SEND_ID, SENT_WRAP, TOKEN_LENGTH, Signer, load_secret
+
+SIGNER = Signer(b"k" * 32, "instance-a")
+
+
+@given(st.integers(1, MAX_SEND_ID), st.integers(1, MAX_LINK_ID), st.floats(0, 4e9))
+def test_roundtrip_has_fixed_length_and_url_safe_alphabet(send_id, link_id, sent_at):
+    token = SIGNER.sign(send_id, link_id, sent_at)
+    assert len(token) == TOKEN_LENGTH
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", token)
+    data = SIGNER.verify(token)
+    assert (data.send_id, data.link_id) == (send_id, link_id)
+    assert data.seconds_since_send(sent_at + 7) == 7
+
+
+def test_send_time_wraps_harmlessly():
+    data = SIGNER.verify(SIGNER.sign(1, 1, SENT_WRAP - 2))
+    assert data.seconds_since_send(SENT_WRAP + 3) == 5
+
+
+@given(st.integers(0, TOKEN_LENGTH - 1), st.sampled_from("AbZ09_-"))
+def test_any_changed_character_is_refused(position, replacement):
+    token = SIGNER.sign(12345, 678, 1e9)
+    forged = token[:position] + replacement + token[position + 1 :]
+    if forged != token:
+        assert SIGNER.verify(forged) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "short", "x" * 31, "x" * 33, "A" * 10_000, "é" * 32, "\x00" * 32, "../../etc/passwd",
+     "A" * 31 + "=", "%41" * 11 + "A"],
+)  # fmt: skip
+def test_garbage_is_refused_without_raising(token):
+    assert SIGNER.verify(token) is None
+
+
+def test_other_secret_or_database_instance_is_refused():
+    token = SIGNER.sign(1, 2, 1e9)
+    assert Signer(b"other" * 8, "instance-a").verify(token) is None
+    assert Signer(b"k" * 32, "instance-b").verify(token) is None
+
+
+def test_ids_out_of_range_cannot_be_signed():
+    with pytest.raises(ValueError):
+        SIGNER.sign(0, 1, 0)
+    with pytest.raises(ValueError):
+        SIGNER.sign(1, MAX_LINK_ID + 1, 0)
+    with pytest.raises(ValueError):
+        SIGNER.sign(MAX_SEND_ID + 1, 1, 0)
+
+
+def test_secret_file_is_created_once_with_mode_0600(tmp_path):
+    path = tmp_path / "state" / "secret"
+    first = load_secret(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(first) == 64
+    assert load_secret(path) == first
+
+
+def test_too_short_secret_file_is_refused(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="fewer than 16 bytes"):
+        load_secret(path)
