@@ -7,6 +7,8 @@ import email
 import quopri
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clickrelay import mime
 
@@ -204,3 +206,66 @@ def test_signed_or_encrypted_is_detected(ctype):
 def test_message_without_headers_or_separator():
     assert mime.html_body_parts(mime.parse(b"just a body line\r\n")) == []
     assert mime.parse(b"Subject: x\r\nno blank line, body starts here\r\n").body_start == 12
+
+
+# ---------------------------------------------------------------- generated MIME
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
+ENCODINGS = st.sampled_from(["7bit", "8bit", "quoted-printable", "base64"])
+CHARSETS = st.sampled_from(["utf-8", "iso-8859-1", "windows-1252"])
+
+
+@st.composite
+def leaf(draw) -> tuple[bytes, str | None]:
+    """A text/html or text/plain part; returns its bytes and, for HTML, its text."""
+    kind = draw(st.sampled_from(["html", "plain", "attachment"]))
+    charset, cte = draw(CHARSETS), draw(ENCODINGS)
+    text = draw(TEXT).replace("\r", "")
+    text = f"<p>{text}</p>\n<a href='https://example.com/{draw(st.integers(0, 9))}'>x</a>\n"
+    data = text.encode(charset, "replace")
+    text = data.decode(charset)
+    body = {
+        "quoted-printable": quopri.encodestring(data),
+        "base64": base64.encodebytes(data),
+    }.get(cte, data)
+    ctype = "text/plain" if kind == "plain" else "text/html"
+    extra = "Content-Disposition: attachment; filename=a.html\n" if kind == "attachment" else ""
+    head = f"Content-Type: {ctype}; charset={charset}\nContent-Transfer-Encoding: {cte}\n{extra}"
+    return head.encode() + b"\n" + body, (text if kind == "html" else None)
+
+
+@st.composite
+def tree(draw, depth: int = 0) -> tuple[bytes, list[str]]:
+    if depth >= 3 or draw(st.booleans()):
+        raw, html = draw(leaf())
+        return raw, [html] if html is not None else []
+    boundary = f"b{depth}-{draw(st.integers(0, 999))}"
+    children = draw(st.lists(tree(depth + 1), min_size=1, max_size=3))
+    subtype = draw(st.sampled_from(["mixed", "alternative", "related"]))
+    closed = draw(st.booleans()) or depth > 0
+    parts = b"".join(b"--" + boundary.encode() + b"\n" + raw + b"\n" for raw, _ in children)
+    raw = (
+        f'Content-Type: multipart/{subtype}; boundary="{boundary}"\n\npreamble\n'.encode()
+        + parts
+        + (b"--" + boundary.encode() + b"--\nepilogue\n" if closed else b"")
+    )
+    return raw, [html for _, htmls in children for html in htmls]
+
+
+def normal(texts: list[str]) -> list[str]:
+    """Texts compared without line-end differences (QP and SMTP make them CRLF anyway)."""
+    return [t.replace("\r\n", "\n").rstrip("\n") for t in texts]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree(), st.booleans())
+def test_generated_mime_decodes_like_the_email_package_and_splices_exactly(generated, crlf):
+    raw, htmls = generated
+    if crlf:
+        raw = raw.replace(b"\n", b"\r\n")
+    decoded = [mime.decode(raw, part) for part in mime.html_body_parts(mime.parse(raw))]
+    assert normal([d.text for d in decoded]) == normal(htmls) == normal(html_of(raw))
+    changed = [mime.encode(d, d.text.replace("https://", "https://t.")) for d in decoded]
+    new = mime.splice(raw, changed)
+    assert normal(html_of(new)) == [h.replace("https://", "https://t.") for h in normal(htmls)]
+    assert new.count(b"--b") == raw.count(b"--b")  # every boundary line kept

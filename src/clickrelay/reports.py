@@ -134,9 +134,8 @@ def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[st
                      "human_y": round(height - human_h, 2), "human_h": round(human_h, 2),
                      "bot_y": round(height - human_h - bot_h, 2), "bot_h": round(bot_h, 2),
                      "label": _bucket_label(b), "human": b.human, "bot": b.bot})  # fmt: skip
-    ticks = [
-        {"y": round(height - height * v / scale, 2), "value": v} for v in (0, scale // 2, scale)
-    ]
+    values = (0, scale // 2, scale) if scale % 2 == 0 else (0, scale)
+    ticks = [{"y": round(height - height * v / scale, 2), "value": v} for v in values]
     return {"width": width, "height": height, "bars": bars, "ticks": ticks}
 
 

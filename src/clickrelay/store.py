@@ -258,14 +258,17 @@ MIGRATIONS: list[list[str]] = [
             link_id INTEGER NOT NULL, contact_key TEXT NOT NULL, send_id INTEGER NOT NULL,
             human_clicks INTEGER NOT NULL, bot_clicks INTEGER NOT NULL,
             first_click REAL, last_click REAL, PRIMARY KEY (link_id, contact_key))""",
-        """CREATE INDEX link_contacts_recent ON link_contacts (link_id, last_click DESC,
-            contact_key) WHERE human_clicks > 0""",
+        # Read backwards for "most recent first" (and its keyset pagination), no sort needed.
+        """CREATE INDEX link_contacts_recent ON link_contacts (link_id, last_click, contact_key)
+            WHERE human_clicks > 0""",
         """CREATE TABLE click_hours (
             campaign_id INTEGER NOT NULL, hour INTEGER NOT NULL, human INTEGER NOT NULL,
             bot INTEGER NOT NULL, PRIMARY KEY (campaign_id, hour))""",
         """CREATE TRIGGER sends_counted AFTER INSERT ON sends BEGIN
             INSERT INTO campaign_sends VALUES (NEW.campaign_id, NEW.decision, NEW.outcome, 1)
             ON CONFLICT DO UPDATE SET n = n + 1;
+            UPDATE campaigns SET last_send_at = max(last_send_at, NEW.sent_at)
+                WHERE id = NEW.campaign_id;
         END""",
         """CREATE TRIGGER sends_recounted AFTER UPDATE OF decision, outcome ON sends BEGIN
             UPDATE campaign_sends SET n = n - 1 WHERE campaign_id = OLD.campaign_id
@@ -507,10 +510,7 @@ class SQLiteStore:
     async def _campaign(self, db: aiosqlite.Connection, send: NewSend) -> int:
         cached = self._campaigns.get(send.campaign_key)
         if cached is not None and cached[1:] == (send.campaign_name, send.campaign_type):
-            await db.execute(
-                "UPDATE campaigns SET last_send_at = ? WHERE id = ?", (send.sent_at, cached[0])
-            )
-            return cached[0]
+            return cached[0]  # last_send_at is kept by the sends_counted trigger
         await db.execute(
             "INSERT INTO campaigns (campaign_key, name, type, first_send_at, last_send_at)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (campaign_key) DO UPDATE SET"
@@ -558,9 +558,10 @@ class SQLiteStore:
         await self._write("UPDATE sends SET outcome = ? WHERE id = ?", (outcome, send_id))
 
     async def _write(self, sql: str, params: Sequence[Any]) -> None:
+        """One statement, atomic on its own (no BEGIN/COMMIT round trips)."""
         try:
-            async with self._transaction() as db:
-                await db.execute(sql, params)
+            async with self._lock:
+                await self._connection().execute(sql, params)
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
 
@@ -574,16 +575,15 @@ class SQLiteStore:
         self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
     ) -> None:
         # One statement for the whole batch (rows passed as one JSON parameter): a single trip
-        # to the database thread, atomic on its own, the counters kept by the triggers.
+        # to the database thread, atomic on its own. The report counters follow in roll_up.
         rows = json.dumps([
             [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason]
             for c in clicks
         ])  # fmt: skip
+        if not bursts:
+            await self._write(_INSERT_CLICKS, (rows,))
+            return
         try:
-            if not bursts:
-                async with self._lock:
-                    await self._connection().execute(_INSERT_CLICKS, (rows,))
-                return
             async with self._transaction() as db:
                 await db.execute(_INSERT_CLICKS, (rows,))
                 await db.executemany(
@@ -629,6 +629,11 @@ class SQLiteStore:
             coalesce(st.bot_clicks, 0) AS bot_clicks
         FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""
 
+    _LINKS = """
+        SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,
+            coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots
+        FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
+
     async def campaigns(
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
         limit: int = 500,
@@ -652,11 +657,7 @@ class SQLiteStore:
             return None
         db_id = rows[0]["id"]
         links = await self._query(
-            "SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,"
-            " coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots"
-            " FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"
-            " WHERE l.campaign_id = ? ORDER BY total DESC, l.id",
-            (db_id,),
+            f"{self._LINKS} WHERE l.campaign_id = ? ORDER BY total DESC, l.id", (db_id,)
         )
         untracked = await self._query(
             "SELECT url, reason, count FROM untracked_links WHERE campaign_id = ?"
@@ -673,7 +674,7 @@ class SQLiteStore:
         )
         return CampaignReport(
             summary=_summary(rows[0]),
-            links=[LinkSummary(r["id"], r["url"], r["total"], r["uniq"], r["bots"]) for r in links],
+            links=[_link(row) for row in links],
             untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in untracked],
             sends={(r["decision"], r["outcome"]): r["n"] for r in sends},
             hours=[(r["hour"], r["human"], r["bot"]) for r in hours],
@@ -683,17 +684,13 @@ class SQLiteStore:
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
     ) -> ContactPage | None:
         links = await self._query(
-            "SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,"
-            " coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots"
-            " FROM links l JOIN campaigns c ON c.id = l.campaign_id"
-            " LEFT JOIN link_stats ls ON ls.link_id = l.id"
+            f"{self._LINKS} JOIN campaigns c ON c.id = l.campaign_id"
             " WHERE l.id = ? AND c.campaign_key = ?",
             (link_id, campaign_id),
         )
         if not links:
             return None
-        row = links[0]
-        link = LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
+        link = _link(links[0])
         last, key = _decode_cursor(after)
         rows = await self._query(
             "SELECT lc.contact_key, lc.send_id, lc.human_clicks, lc.first_click, lc.last_click,"
@@ -731,6 +728,10 @@ def _summary(row: sqlite3.Row) -> CampaignSummary:
         unique_clicks=row["unique_clicks"], bot_clicks=row["bot_clicks"],
         first_send_at=row["first_send_at"], last_send_at=row["last_send_at"],
     )  # fmt: skip
+
+
+def _link(row: sqlite3.Row) -> LinkSummary:
+    return LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
 
 
 def _encode_cursor(row: sqlite3.Row) -> str:

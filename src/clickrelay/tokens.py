@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 import secrets
@@ -72,7 +71,7 @@ class Signer:
         )
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return hmac.digest(self._key, payload, "sha256")[:_MAC_BYTES]
 
 
 def load_secret(path: Path) -> bytes:
