@@ -91,8 +91,10 @@ class MessagePipeline:
             prepared.decision = "test_send"  # test sends are not recorded at all
             return prepared
         try:
-            root = await self._cpu(len(message), mime.parse, prepared.message)
-            prepared.decision = self._reason_untouched(control, block, root) or "tracked"
+            prepared.decision = self._header_reason(control) or "tracked"
+            if prepared.decision == "tracked":
+                root = await self._cpu(len(message), mime.parse, prepared.message)
+                prepared.decision = self._content_reason(block, root) or "tracked"
             if prepared.decision == "tracked":
                 await self._rewrite(prepared, message, block, root)
         except StoreError as exc:
@@ -106,13 +108,16 @@ class MessagePipeline:
             await self._record(prepared)
         return prepared
 
-    def _reason_untouched(
-        self, control: ControlHeaders, block: HeaderBlock, root: mime.Entity
-    ) -> str | None:
+    def _header_reason(self, control: ControlHeaders) -> str | None:
+        """Why the control headers say not to rewrite, if they do."""
         if not control.track_clicks:
             return "tracking_off"
         if control.campaign_type not in self.settings.tracking.tracked_campaign_types:
             return "campaign_type"
+        return None
+
+    def _content_reason(self, block: HeaderBlock, root: mime.Entity) -> str | None:
+        """Why the message itself cannot be rewritten, if it cannot."""
         if mime.is_signed_or_encrypted(root):
             return "signed"
         if block.first("dkim-signature") is not None:

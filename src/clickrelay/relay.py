@@ -20,7 +20,7 @@ import time
 from email.utils import formatdate
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from clickrelay import passwords
 from clickrelay.config import Settings
@@ -112,9 +112,10 @@ class RelayServer:
 class RelaySMTP(SMTP):
     """One client connection. Holds the open upstream transaction, if any."""
 
+    # The stream limit: what a command line may buffer. DATA reads past it (see smtp_DATA).
+    line_length_limit = 64 * 1024
+
     def __init__(self, relay: RelayServer, handler: RelayHandler, **kwargs: Any) -> None:
-        # Real mail has lines longer than RFC 5321 allows; only the size limit refuses content.
-        self.line_length_limit = kwargs["data_size_limit"] + 1024
         super().__init__(handler, **kwargs)
         self.relay = relay
         self.transaction: Transaction | None = None
@@ -149,14 +150,65 @@ class RelaySMTP(SMTP):
         finally:
             self.idle.set()
 
+    # DATA: aiosmtpd's own refuses lines over 1,001 octets and keeps the message as a list of
+    # lines (about three times its size in memory). Real mail breaks the line rule and only the
+    # size limit may refuse content (as with Postfix), so this one reads lines of any length
+    # into one buffer.
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_content()
+        if content is None:
+            status = "552 5.3.4 Message exceeds the fixed maximum message size"
+        else:
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_content(self) -> bytes | None:
+        """The message up to the lone dot, dot-unstuffed; None if it exceeded the size limit
+        (read to its end all the same, so that the session stays in step)."""
+        data = bytearray()
+        limit = self.data_size_limit
+        too_big = False
+        line_start = True  # only a dot after CRLF is special (RFC 5321 4.5.2)
+        while True:
+            try:
+                piece = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:  # a very long line: take what is buffered
+                piece = await self._reader.read(exc.consumed)
+            if line_start and piece == b".\r\n":
+                return None if too_big else bytes(data)
+            if line_start and piece[:1] == b".":
+                piece = piece[1:]
+            line_start = piece.endswith(b"\r\n")
+            if not too_big:
+                data += piece
+                too_big = bool(limit) and len(data) > limit
+                if too_big:
+                    data = bytearray()  # let the memory go now
+
     # AUTH: aiosmtpd's built-in PLAIN/LOGIN call a synchronous authenticator, but checking a
     # password hash takes tens of milliseconds, so these variants check it in a worker thread.
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         blob = await self._auth_response(args, "")
-        parts = blob.split(b"\0") if blob is not None else []
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Cannot decode response")
+            await self.push("501 5.5.2 Cannot split the response")
             return AuthResult(success=False, handled=True)
         return await self._check_password(parts[1], parts[2])
 
@@ -164,15 +216,17 @@ class RelaySMTP(SMTP):
         login = await self._auth_response(args, "Username:")
         password = await self._auth_response([], "Password:") if login is not None else None
         if login is None or password is None:
-            await self.push("501 5.5.2 Cannot decode response")
             return AuthResult(success=False, handled=True)
         return await self._check_password(login, password)
 
     async def _auth_response(self, args: list[str], challenge: str) -> bytes | None:
+        """The client's decoded answer (inline or to a 334 challenge); None once it has been
+        refused with a 501 (undecodable, or cancelled with '*': aiosmtpd answers those)."""
         if len(args) > 1:
             try:
                 return base64.b64decode(args[1], validate=True)
             except binascii.Error:
+                await self.push("501 5.5.2 Cannot decode response")
                 return None
         answer = await self.challenge_auth(challenge)
         return answer if isinstance(answer, bytes) else None
@@ -238,15 +292,15 @@ class RelayHandler:
             raw = envelope.original_content or b""
             envelope.content = envelope.original_content = None  # let the big buffers go early
             prepared = await self.relay.pipeline.prepare(raw, envelope)
-            message = self._trace(session, envelope) + prepared.message
+            pieces = [self._trace(session, envelope), prepared.message]
             del raw
-            reply = await transaction.data(message)
+            reply = await transaction.data(pieces)
             await self.relay.pipeline.forwarded(prepared, reply)
             log.info(
                 "smtp from=<%s> rcpts=%d size=%d %s upstream=%r ms=%d",
                 envelope.mail_from,
                 len(envelope.rcpt_tos),
-                len(message),
+                sum(map(len, pieces)),
                 prepared.log_fields(),
                 str(reply),
                 (time.monotonic() - started) * 1000,

@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +51,9 @@ def unavailable(problem: str) -> Reply:
 class Transaction(Protocol):
     async def rcpt(self, address: str, options: list[str]) -> Reply: ...
 
-    async def data(self, message: bytes) -> Reply: ...
+    async def data(self, pieces: Sequence[bytes]) -> Reply:
+        """Send the message, given as consecutive pieces that each start a line (a trace header,
+        then the message): written in order, never joined into one more copy."""
 
     async def finish(self, *, aborted: bool) -> None:
         """End the transaction: release the connection, or reset/close it if aborted."""
@@ -100,9 +103,9 @@ class SmtpUpstream:
             except aiosmtplib.SMTPSenderRefused as exc:
                 self._release(conn)
                 return _mirrored(exc.code, exc.message), None
-            except UnicodeEncodeError:
+            except (UnicodeEncodeError, ValueError):  # aiosmtplib refuses control characters
                 self._release(conn)
-                return Reply(553, "5.6.7 Address cannot be encoded"), None
+                return Reply(553, "5.1.7 Address cannot be sent upstream as written"), None
             except _FAILURES as exc:
                 conn.close()
                 if reused:  # a cached connection the server closed meanwhile: try a fresh one
@@ -162,18 +165,18 @@ class SmtpTransaction:
             await self.conn.rcpt(address, options=options, encoding=self.encoding)
         except aiosmtplib.SMTPRecipientRefused as exc:
             return _mirrored(exc.code, exc.message)
-        except UnicodeEncodeError:
-            return Reply(553, "5.6.7 Address cannot be encoded")
+        except (UnicodeEncodeError, ValueError):
+            return Reply(553, "5.1.3 Address cannot be sent upstream as written")
         except _FAILURES as exc:
             self.broken = True
             return unavailable(_describe(exc))
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, pieces: Sequence[bytes]) -> Reply:
         """Send DATA and the message; the answer is the upstream's reply to the final dot.
 
-        The message is dot-stuffed in one pass and written without aiosmtplib's extra copies,
-        so a 30 MB message costs about one more copy of itself in memory.
+        Each piece is dot-stuffed in one pass and written as it is, without aiosmtplib's own
+        copies of the whole message, so a 30 MB message costs little more than itself.
         """
         timeout = self.upstream.settings.timeout_seconds
         try:
@@ -183,8 +186,11 @@ class SmtpTransaction:
             protocol = self.conn.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            protocol.write(dot_stuff(message))
-            protocol.write(b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n")
+            wire = b""
+            for piece in pieces:
+                wire = dot_stuff(piece)
+                protocol.write(wire)
+            protocol.write(b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
             reply = await protocol.read_response(timeout=timeout)
         except _FAILURES as exc:
             self.broken = True
@@ -281,18 +287,19 @@ class MaildirUpstream:
     ) -> tuple[Reply, Transaction | None]:
         return Reply(250, "2.1.0 Ok"), MaildirTransaction(self, sender)
 
-    def deliver(self, sender: str, recipients: list[str], message: bytes) -> str:
+    def deliver(self, sender: str, recipients: list[str], pieces: Sequence[bytes]) -> str:
         for sub in ("tmp", "new", "cur"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         now = time.time()
         name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._host}"
-        eol = b"\r\n" if b"\r\n" in message[:4096] else b"\n"
+        eol = b"\r\n" if b"\r\n" in pieces[-1][:4096] else b"\n"
         envelope = [b"Return-Path: <" + sender.encode("utf-8", "replace") + b">"]
         envelope += [b"Delivered-To: " + r.encode("utf-8", "replace") for r in recipients]
         tmp = self.root / "tmp" / name
         with open(tmp, "wb") as fh:
             fh.write(eol.join(envelope) + eol)
-            fh.write(message)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, self.root / "new" / name)
@@ -312,10 +319,10 @@ class MaildirTransaction:
         self.recipients.append(address)
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, pieces: Sequence[bytes]) -> Reply:
         try:
             name = await asyncio.to_thread(
-                self.maildir.deliver, self.sender, self.recipients, message
+                self.maildir.deliver, self.sender, self.recipients, pieces
             )
         except OSError as exc:
             log.error("maildir delivery to %s failed: %s", self.maildir.root, exc)

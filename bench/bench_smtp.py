@@ -1,0 +1,569 @@
+"""SMTP throughput end to end: clickrelay with tracking on vs. a plain forwarding relay vs. the
+sink alone, same run, same lean client; and the relay's peak memory while forwarding a 30 MB
+message.
+
+Every copy is a 60 KB, 40-link campaign newsletter (text/html, quoted-printable, CRLF) with
+X-Campaign-Id, X-Track-Clicks: yes and its own X-Contact-Id and Message-ID. The client speaks
+SMTP over raw asyncio streams from a message dot-stuffed once up front, one session per
+connection (EHLO once, then MAIL/RCPT/DATA per copy), and checks every reply. Servers run in
+child processes pinned to CPU 0 (the relays' upstream, the sink, shares it), the client on CPU 1;
+paths are interleaved over rounds and medians reported, because the machine is noisy.
+
+    python bench/bench_smtp.py [--messages 2000] [--connections 8] [--rounds 3]
+                               [--rss-mb 30] [--json FILE] [--profile FILE]
+
+With --profile, py-spy samples the clickrelay process during the tracked runs (raw collapsed
+stacks into FILE, a summary printed); throughput figures of such a run are depressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aiosmtplib  # noqa: E402
+from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
+from bench_rewrite import campaign_message  # noqa: E402
+from newsletter import newsletter  # noqa: E402
+
+from clickrelay.upstream import dot_stuff  # noqa: E402
+
+PUBLIC_URL = "https://click.example.com"
+TRACKING_PREFIX = PUBLIC_URL.encode() + b"/c/"
+CAMPAIGN_HEADERS = (
+    b"Date: Tue, 01 Apr 2025 09:00:00 +0000\r\nX-Campaign-Id: spring-bench\r\n"
+    b"X-Campaign-Name: Spring bench\r\nX-Track-Clicks: yes\r\n"
+)
+BIG_LIMIT = 64 * 1024 * 1024  # line and message limits of the bench's own servers
+ROUND_TIMEOUT = 300.0  # seconds; one path's run never takes longer
+
+
+# ---------------------------------------------------------------- bench servers (child processes)
+
+
+class LongLineSMTP(SMTP):
+    """aiosmtpd without its 1,001-octet line limit, like the relay under test."""
+
+    line_length_limit = BIG_LIMIT
+
+
+@dataclass
+class SinkHandler:
+    """Accepts and counts; `VRFY <stats@sink>` answers '252 messages octets tracked'."""
+
+    messages: int = 0
+    octets: int = 0
+    tracked: int = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        self.messages += 1
+        self.octets += len(content)
+        self.tracked += TRACKING_PREFIX in content
+        return "250 2.0.0 Ok: discarded"
+
+    async def handle_VRFY(self, server: SMTP, session: Session, envelope, address: str) -> str:
+        return f"252 {self.messages} {self.octets} {self.tracked}"
+
+
+@dataclass
+class PlainRelayHandler:
+    """The baseline relay: forward each message with aiosmtplib over kept connections."""
+
+    upstream_port: int
+    idle: list[aiosmtplib.SMTP] = field(default_factory=list)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        conn = self.idle.pop() if self.idle else None
+        if conn is None:
+            conn = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.upstream_port, timeout=60)
+            await conn.connect()
+        try:
+            await conn.sendmail(envelope.mail_from, envelope.rcpt_tos, envelope.original_content)
+        except aiosmtplib.SMTPException as exc:
+            conn.close()
+            return f"451 4.4.1 upstream failed: {exc}"
+        self.idle.append(conn)
+        return "250 2.0.0 Ok: forwarded"
+
+
+async def serve(kind: str, port: int, upstream_port: int) -> None:
+    handler = SinkHandler() if kind == "sink" else PlainRelayHandler(upstream_port)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: LongLineSMTP(handler, data_size_limit=BIG_LIMIT, hostname=f"{kind}.bench"),
+        "127.0.0.1",
+        port,
+    )
+    async with server:
+        await server.serve_forever()
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def start(self, log: Path) -> Server:
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(3) == b"220":
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start; see {log}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def can_pin() -> bool:
+    """Servers on CPU 0 and the client on CPU 1: needs both CPUs and taskset."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    return {0, 1} <= allowed and shutil.which("taskset") is not None
+
+
+def pinned(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if can_pin() else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_server(kind: str, upstream_port: int = 0) -> Server:
+    port = free_port()
+    cmd = [*pinned(0), sys.executable, __file__, "serve", kind, str(port), str(upstream_port)]
+    return Server(kind, cmd, port)
+
+
+def clickrelay_server(folder: Path, upstream_port: int) -> Server:
+    """clickrelay's SMTP relay with default settings but for its ports and a fresh database."""
+    folder.mkdir(parents=True)
+    port = free_port()
+    config = folder / "clickrelay.toml"
+    config.write_text(
+        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "relay.bench"\n'
+        f'[upstream]\nurl = "smtp://127.0.0.1:{upstream_port}"\n'
+        f'[web]\npublic_url = "{PUBLIC_URL}"\n'
+        f'[storage]\ndatabase = "{folder}/clickrelay.sqlite3"\n'
+        f'[tracking]\nsecret_file = "{folder}/secret"\n'
+    )
+    cmd = [*pinned(0), sys.executable, "-m", "clickrelay", "smtp", "--config", str(config)]
+    return Server("clickrelay", cmd, port)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), else 0."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kb(pid: int, key: str) -> int:
+    """A /proc/<pid>/status figure such as VmRSS or VmHWM, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------- the lean client
+
+
+def copy_headers(tag: str, i: int) -> bytes:
+    """The only bytes that differ between copies; prepended, so the body needs no re-stuffing."""
+    return f"Message-ID: <{tag}.{i}@bench.example>\r\nX-Contact-Id: contact-{i}\r\n".encode()
+
+
+def wire(message: bytes) -> bytes:
+    """The DATA payload: dot-stuffed once, CRLF-terminated, with the final dot."""
+    stuffed = dot_stuff(message)
+    return stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+class Client:
+    """One SMTP session over asyncio streams; counts every unexpected reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.bad = reader, writer, 0
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        session = cls(reader, writer)
+        await session.expect(220)
+        await session.command(b"EHLO client.bench\r\n", 250)
+        return session
+
+    async def expect(self, code: int) -> str:
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("server closed the connection")
+            if line[3:4] != b"-":
+                break
+        if int(line[:3]) != code:
+            self.bad += 1
+        return line.decode("ascii", "replace").strip()
+
+    async def command(self, line: bytes, code: int) -> str:
+        self.writer.write(line)
+        return await self.expect(code)
+
+    async def send(self, i: int, payload: bytes, headers: bytes) -> bool:
+        bad = self.bad
+        await self.command(b"MAIL FROM:<news@example.com>\r\n", 250)
+        await self.command(b"RCPT TO:<r%d@example.com>\r\n" % i, 250)
+        if self.bad == bad:
+            await self.command(b"DATA\r\n", 354)
+        if self.bad != bad:
+            await self.command(b"RSET\r\n", 250)
+            return False
+        self.writer.writelines((headers, payload))
+        await self.expect(250)
+        return self.bad == bad
+
+    async def close(self) -> None:
+        await self.command(b"QUIT\r\n", 221)
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def client_session(port: int, ids: range, payload: bytes, tag: str) -> int:
+    session = await Client.open(port)
+    for i in ids:
+        await session.send(i, payload, copy_headers(tag, i))
+    await session.close()
+    return session.bad
+
+
+async def blast(port: int, copies: int, connections: int, payload: bytes, tag: str) -> tuple:
+    """Send `copies` copies over `connections` sessions; (seconds, unexpected replies)."""
+    sessions = [
+        client_session(port, range(k, copies, connections), payload, tag)
+        for k in range(connections)
+    ]
+    start = time.perf_counter()
+    bad = await asyncio.wait_for(asyncio.gather(*sessions), ROUND_TIMEOUT)
+    return time.perf_counter() - start, sum(bad)
+
+
+async def sink_stats(port: int) -> tuple[int, int, int]:
+    """(messages, octets, messages with a tracking link) the sink has received so far."""
+    session = await Client.open(port)
+    line = await session.command(b"VRFY <stats@sink.bench>\r\n", 252)
+    await session.close()
+    messages, octets, tracked = map(int, line.split()[1:4])
+    return messages, octets, tracked
+
+
+# ---------------------------------------------------------------- throughput
+
+
+@dataclass
+class Run:
+    path: str
+    seconds: float
+    messages: int
+    megabytes: float
+    bad: int
+    delivered: int
+    rewritten: int
+    cpu_ms: dict[str, float]  # server process -> CPU ms per message
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+def newsletter_message() -> bytes:
+    return CAMPAIGN_HEADERS + campaign_message(newsletter().encode())
+
+
+async def measure(path: str, server: Server, others: list[Server], sink_port: int,
+                  payload: bytes, args, tag: str) -> Run:  # fmt: skip
+    """One path's run; CPU is counted for `server` and `others` (the sink behind a relay)."""
+    measured = [server, *others]
+    before_stats = await sink_stats(sink_port)
+    before_cpu = [cpu_seconds(s.pid) for s in measured]
+    seconds, bad = await blast(server.port, args.messages, args.connections, payload, tag)
+    cpu = {s.name: (cpu_seconds(s.pid) - b) * 1e3 / args.messages
+           for s, b in zip(measured, before_cpu, strict=True)}  # fmt: skip
+    after_stats = await sink_stats(sink_port)
+    delivered, octets, rewritten = (a - b for a, b in zip(after_stats, before_stats, strict=True))
+    run = Run(path, seconds, args.messages, octets / 1e6, bad, delivered, rewritten, cpu)
+    print(f"  {tag:10} {run.rate:6.0f} msgs/s {run.megabytes / seconds:6.1f} MB/s  bad replies "
+          f"{bad}  delivered {delivered}  rewritten {rewritten}", flush=True)  # fmt: skip
+    return run
+
+
+async def throughput(args, folder: Path, log: Path) -> dict:
+    payload = wire(newsletter_message())
+    sink = bench_server("sink").start(log)
+    plain = bench_server("plain", sink.port)
+    relay = clickrelay_server(folder / "throughput", sink.port)
+    started = [sink]
+    try:
+        started += [plain.start(log), relay.start(log)]
+        servers = {"sink": sink, "plain": plain, "tracked": relay}
+        for server in servers.values():  # warm up: connections, caches, lazy imports
+            await blast(server.port, 8 * args.connections, args.connections, payload, "warm")
+        profiler = start_profiler(args.profile, relay.pid) if args.profile else None
+        runs: dict[str, list[Run]] = {path: [] for path in servers}
+        for r in range(args.rounds):
+            for path, server in servers.items():
+                others = [] if server is sink else [sink]
+                tag = f"{path}-{r + 1}"
+                runs[path].append(
+                    await measure(path, server, others, sink.port, payload, args, tag)
+                )
+        if profiler is not None:
+            stop_profiler(profiler, args.profile)
+    finally:
+        for server in reversed(started):
+            server.stop()
+    return summarize(runs, len(payload))
+
+
+def summarize(runs: dict[str, list[Run]], size: int) -> dict:
+    result: dict = {"message_bytes": size, "paths": {}}
+    for path, rs in runs.items():
+        result["paths"][path] = {
+            "msgs_per_s": statistics.median(r.rate for r in rs),
+            "mb_per_s": statistics.median(r.megabytes / r.seconds for r in rs),
+            "bad_replies": sum(r.bad for r in rs),
+            "sent": sum(r.messages for r in rs),
+            "delivered": sum(r.delivered for r in rs),
+            "rewritten": sum(r.rewritten for r in rs),
+            "cpu_ms_per_msg": {k: statistics.median(r.cpu_ms[k] for r in rs) for k in rs[0].cpu_ms},
+        }
+    pairs = zip(runs["tracked"], runs["plain"], strict=True)
+    result["ratios"] = [t.rate / p.rate for t, p in pairs]
+    result["ratio"] = statistics.median(result["ratios"])
+    # CPU 0 is the bottleneck of both relay paths: the ratio of the servers' CPU per message
+    # predicts the throughput ratio without the wall-clock noise of a shared machine.
+    cpu = {path: sum(result["paths"][path]["cpu_ms_per_msg"].values()) for path in runs}
+    result["cpu_ratio"] = cpu["plain"] / cpu["tracked"]
+    return result
+
+
+def print_throughput(result: dict) -> None:
+    names = {"sink": "straight to the sink", "plain": "plain forwarding relay",
+             "tracked": "clickrelay, tracking on"}  # fmt: skip
+    for path, p in result["paths"].items():
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_msg"].items())
+        print(f"{names[path]:26} {p['msgs_per_s']:7.0f} msgs/s {p['mb_per_s']:6.1f} MB/s   "
+              f"bad replies {p['bad_replies']}, delivered {p['delivered']}/{p['sent']}, "
+              f"rewritten {p['rewritten']}   CPU ms/msg: {cpu}")  # fmt: skip
+    per_round = ", ".join(f"{r:.2f}" for r in result["ratios"])
+    print(f"\nratio tracked/plain {result['ratio']:.2f}x (target >= 0.6; per round: {per_round}); "
+          f"from server CPU per message {result['cpu_ratio']:.2f}x")  # fmt: skip
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def big_html_message(size: int) -> bytes:
+    """A campaign message whose one text/html part (quoted-printable) is `size` bytes: the
+    newsletter repeated (40 tracked links every 60 KB, the same 40 URLs)."""
+    one = campaign_message(newsletter().encode())
+    return CAMPAIGN_HEADERS + campaign_message(newsletter().encode() * max(1, size // len(one)))
+
+
+def attachment_message(size: int) -> bytes:
+    """A campaign message: the 60 KB newsletter (quoted-printable) and a base64 attachment
+    making up the rest of `size`."""
+    html = campaign_message(newsletter().encode()).split(b"\r\n\r\n", 1)[1]
+    raw = random.Random(1).randbytes(max(1, (size - len(html)) * 57 // 78))
+    attachment = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+    return CAMPAIGN_HEADERS + (
+        b"From: news@example.com\r\nTo: r@example.com\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\n'
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+        b"\r\n" + html + b"\r\n--b1\r\nContent-Type: application/pdf; name=report.pdf\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment; filename=report.pdf\r\n\r\n" + attachment + b"--b1--\r\n"
+    )
+
+
+async def peak_rss(server: Server, message: bytes, warm: bytes, log: Path) -> dict:
+    """Start a fresh relay, warm it with one small message, send one big one; memory in MB."""
+    server.start(log)
+    try:
+        session = await Client.open(server.port)
+        await session.send(0, wire(warm), copy_headers("rss-warm", 0))
+        idle = memory_kb(server.pid, "VmRSS")
+        ok = await asyncio.wait_for(
+            session.send(1, wire(message), copy_headers("rss", 1)), ROUND_TIMEOUT
+        )
+        await session.close()
+        peak = memory_kb(server.pid, "VmHWM")
+    finally:
+        server.stop()
+    size = len(message) / 1e6
+    above = (peak - idle) * 1024 / 1e6
+    return {"message_mb": size, "idle_mb": idle * 1024 / 1e6, "peak_mb": peak * 1024 / 1e6,
+            "above_idle_mb": above, "ratio": above / size, "accepted": ok}  # fmt: skip
+
+
+async def memory(args, folder: Path, log: Path) -> dict:
+    size = int(args.rss_mb * 1e6)
+    warm, html = newsletter_message(), big_html_message(size)
+    sink = bench_server("sink").start(log)
+    cases = {
+        "clickrelay, big HTML part": (html, clickrelay_server(folder / "rss-html", sink.port)),
+        "clickrelay, attachment": (
+            attachment_message(size),
+            clickrelay_server(folder / "rss-attachment", sink.port),
+        ),
+        "plain relay, big HTML part": (html, bench_server("plain", sink.port)),
+    }
+    try:
+        return {name: await peak_rss(server, message, warm, log)
+                for name, (message, server) in cases.items()}  # fmt: skip
+    finally:
+        sink.stop()
+
+
+def print_memory(results: dict) -> None:
+    print("\npeak RSS (VmHWM) of a fresh relay process forwarding one big campaign message, above "
+          "its idle VmRSS after one warm-up message. Big HTML part: one text/html quoted-printable "
+          "part, the newsletter repeated (~20,000 links). Attachment: the 60 KB newsletter plus a "
+          "base64 application/pdf part filling up the size.")  # fmt: skip
+    for name, r in results.items():
+        print(f"{name:36} message {r['message_mb']:5.1f} MB  idle {r['idle_mb']:5.1f} MB  "
+              f"peak {r['peak_mb']:6.1f} MB  above idle {r['above_idle_mb']:6.1f} MB = "
+              f"{r['ratio']:.2f}x the message (target < 4)  accepted: {r['accepted']}")  # fmt: skip
+
+
+# ---------------------------------------------------------------- profile
+
+
+def start_profiler(output: Path, pid: int) -> subprocess.Popen:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cmd = [py_spy, "record", "-p", str(pid), "-f", "raw", "-o", str(output), "--rate", "200"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(proc: subprocess.Popen, output: Path) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    if output.exists():
+        print_profile(output)
+
+
+# py-spy takes these blocking waits for work on this kernel; they are idle time, not CPU.
+IDLE_FRAMES = ("_connection_worker_thread (aiosqlite/core.py:59)", "EpollSelector.select (")
+LIBRARIES = ("clickrelay/", "aiosmtpd/", "aiosmtplib/", "aiosqlite/")
+ALWAYS = ("clickrelay/cli.py", "clickrelay/__main__.py")  # on every stack: not worth a line
+
+
+def print_profile(output: Path, top: int = 20) -> None:
+    """Busy samples by function: inclusive for the libraries' and clickrelay's own functions
+    (line numbers folded), and self time (innermost frame) for everything."""
+    inclusive, own, total = Counter(), Counter(), 0
+    for line in output.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if frames[-1].startswith(IDLE_FRAMES):
+            continue
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for function in {frame.rpartition(":")[0] + ")" for frame in frames}:
+            if any(n in function for n in LIBRARIES) and not any(n in function for n in ALWAYS):
+                inclusive[function] += int(count)
+    for title, counter in (("inclusive", inclusive), ("self", own)):
+        print(f"\nclickrelay profile, {title}, % of {total} busy samples:")
+        for frame, count in counter.most_common(top):
+            print(f"  {100 * count / total:5.1f}%  {frame[:110]}")
+
+
+# ---------------------------------------------------------------- main
+
+
+async def bench(args) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="clickrelay-bench-smtp-"))
+    log = folder / "servers.log"
+    try:
+        print(f"# {args.messages} copies of the {len(newsletter()) / 1000:.0f} KB newsletter "
+              f"({len(newsletter_message()) / 1000:.0f} KB as a message) "
+              f"over {args.connections} connections, {args.rounds} interleaved rounds; servers on "
+              f"CPU 0, client on CPU 1; {os.cpu_count()} CPUs; medians", flush=True)  # fmt: skip
+        result = {"throughput": await throughput(args, folder, log)}
+        print_throughput(result["throughput"])
+        result["memory"] = await memory(args, folder, log)
+        print_memory(result["memory"])
+        problems = [line for line in log.read_text().splitlines() if "ERROR" in line]
+        if problems:
+            print(f"\n{len(problems)} error line(s) in the servers' logs, e.g. {problems[0]}")
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        kind, port, upstream_port = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        asyncio.run(serve(kind, port, upstream_port))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000, help="copies per path and round")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rss-mb", type=float, default=30.0, help="size of the big message")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of clickrelay here")
+    args = parser.parse_args()
+    if can_pin():
+        os.sched_setaffinity(0, {1})  # the client; servers are started on CPU 0
+    result = asyncio.run(bench(args))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

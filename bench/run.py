@@ -1,0 +1,317 @@
+"""All of clickrelay's end-to-end benchmarks in one command: SMTP relay throughput and memory
+(bench_smtp.py), link rewriting (bench_rewrite.py) and redirects (bench_redirect.py), each against
+its baseline in the same run. Prints the machine's description and every bench's output, then
+writes the figures against their targets to bench/RESULTS.md (a "## Notes" section already in
+that file is kept). The defaults keep the whole run to about five minutes.
+
+    python bench/run.py [--smtp-messages 1000] [--rounds 3] [--redirect-seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NOTES = "\n## Notes"
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str = ""
+    met: bool | None = None  # None: no target, shown for scale
+
+
+@dataclass
+class Section:
+    title: str
+    script: str
+    args: list[str]
+    timeout: float  # seconds
+    output: str = ""
+    error: str = ""
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def command(self) -> list[str]:
+        return ["python", f"bench/{self.script}", *self.args]
+
+    def add(self, figure: str, value: str, target: str = "", met: bool | None = None) -> None:
+        self.rows.append(Row(figure, value, target, met))
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> list[tuple[str, str]]:
+    cpu = _first_value(Path("/proc/cpuinfo"), "model name") or platform.processor() or "unknown"
+    memory = _first_value(Path("/proc/meminfo"), "MemTotal")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return [
+        ("CPU", f"{cpu}, {os.cpu_count()} logical CPUs"),
+        ("memory", memory or "unknown"),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("kernel", f"{platform.system()} {platform.release()} ({platform.machine()})"),
+        ("load average at start (1, 5, 15 min)", load),
+        ("code", _git_revision()),
+    ]
+
+
+def _first_value(path: Path, key: str) -> str | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), None)
+
+
+def _git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=HERE, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"git {commit}" + (" with uncommitted changes" if dirty else "") if commit else "unknown"
+
+
+# ---------------------------------------------------------------- running the benches
+
+
+def run(section: Section, extra: list[str]) -> None:
+    """Run one bench, echoing its output as it comes; a failure is recorded, not raised."""
+    print(f"\n$ {shlex.join(section.command)}", flush=True)
+    command = [sys.executable, str(HERE / section.script), *section.args, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=HERE.parent, env=env) as proc:  # fmt: skip
+        watchdog = threading.Timer(section.timeout, proc.kill)
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                lines.append(line)
+            status = proc.wait()
+        finally:
+            watchdog.cancel()
+    section.output = "".join(lines)
+    if status:
+        section.error = f"exit status {status}" + (" (timed out)" if status == -9 else "")
+
+
+def grab(pattern: str, text: str) -> tuple[str, ...] | None:
+    found = re.search(pattern, text, re.MULTILINE)
+    return found.groups() if found else None
+
+
+def unparsed(section: Section, what: str) -> None:
+    section.add(what, "not found in the bench's output", "", False)
+
+
+# ---------------------------------------------------------------- figures per bench
+
+
+def smtp_rows(section: Section, figures: dict) -> None:
+    paths, ratio = figures["throughput"]["paths"], figures["throughput"]["ratio"]
+    rounds = ", ".join(f"{r:.2f}" for r in figures["throughput"]["ratios"])
+    section.add("messages/s, tracked / plain (median of rounds)",
+                f"{ratio:.2f}x (rounds: {rounds})", ">= 0.6", ratio >= 0.6)  # fmt: skip
+    cpu_ratio = figures["throughput"]["cpu_ratio"]
+    section.add("the same, predicted from the servers' CPU ms per message", f"{cpu_ratio:.2f}x",
+                ">= 0.6", cpu_ratio >= 0.6)  # fmt: skip
+    names = {"tracked": "clickrelay, tracking on", "plain": "plain forwarding relay (baseline)",
+             "sink": "straight to the sink (scale)"}  # fmt: skip
+    for path, name in names.items():
+        p = paths[path]
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_msg"].items())
+        section.add(f"{name}: messages/s, MB/s (server CPU ms per message)",
+                    f"{p['msgs_per_s']:.0f}, {p['mb_per_s']:.1f} ({cpu})")  # fmt: skip
+    bad = sum(p["bad_replies"] for p in paths.values())
+    sent = sum(p["sent"] for p in paths.values())
+    delivered = sum(p["delivered"] for p in paths.values())
+    tracked = paths["tracked"]
+    section.add("replies other than expected, all paths", str(bad), "0", bad == 0)
+    section.add("messages at the sink / sent", f"{delivered} / {sent}", "all", delivered == sent)
+    section.add("tracked path: messages with tracking links / sent",
+                f"{tracked['rewritten']} / {tracked['sent']}", "all",
+                tracked["rewritten"] == tracked["sent"])  # fmt: skip
+    for name, m in figures["memory"].items():
+        baseline = name.startswith("plain")
+        section.add(f"peak RSS above idle: {name}, {m['message_mb']:.0f} MB message",
+                    f"{m['above_idle_mb']:.0f} MB = {m['ratio']:.1f}x (idle {m['idle_mb']:.0f} MB)",
+                    "" if baseline else "< 4x",
+                    None if baseline else m["ratio"] < 4 and m["accepted"])  # fmt: skip
+
+
+def rewrite_rows(section: Section) -> None:
+    text = section.output
+    total = grab(r"all documents: ([\d.]+) MB/s rewrite.*?([\d.]+) MB/s BeautifulSoup", text)
+    letter = grab(r"^newsletter.*?([\d.]+) ms\s+([\d.]+) MB/s\s+x\s*([\d.]+) vs bs4", text)
+    if total is None or letter is None:
+        unparsed(section, "rewrite MB/s")
+        return
+    mb_s = float(total[0])
+    section.add("rewrite, all documents (corpus + newsletter)", f"{mb_s} MB/s", ">= 50", mb_s >= 50)
+    section.add("rewrite, 60 KB 40-link newsletter", f"{letter[1]} MB/s, {letter[0]} ms/message")
+    section.add("BeautifulSoup parse + serialize, all documents (scale)", f"{total[1]} MB/s")
+
+
+def redirect_rows(section: Section) -> None:
+    text = section.output
+    server = r"\s+(\d+) req/s\s+p50\s+([\d.]+) ms\s+p99\s+([\d.]+) ms\s+non-302: (\d+)"
+    ours = grab(r"^clickrelay \(durable clicks\)" + server, text)
+    bare = grab(r"^bare aiohttp 302" + server, text)
+    ratio = r"ratio req/s ([\d.]+)x of bare.*?p99 ([\d.]+)x of bare.*?(\d+) clicks stored"
+    ratios = grab(ratio, text)
+    if ours is None or bare is None or ratios is None:
+        unparsed(section, "redirect figures")
+        return
+    rps, p99 = float(ratios[0]), float(ratios[1])
+    section.add("requests/s, clickrelay / bare aiohttp", f"{rps:.2f}x", ">= 0.6", rps >= 0.6)
+    section.add("p99 latency, clickrelay / bare aiohttp", f"{p99:.2f}x", "<= 1.5", p99 <= 1.5)
+    for name, figures in (("clickrelay (durable clicks)", ours), ("bare aiohttp 302", bare)):
+        section.add(f"{name}: req/s, p50, p99", f"{figures[0]}, {figures[1]} ms, {figures[2]} ms")
+    section.add("answers other than 302 (clickrelay)", ours[3], "0", ours[3] == "0")
+    section.add("clicks stored", ratios[2])
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def markdown(
+    command: str,
+    started: datetime.datetime,
+    seconds: float,
+    about: list[tuple[str, str]],
+    sections: list[Section],
+) -> str:
+    out = [
+        "# Benchmark results",
+        "",
+        f"Produced by `{command}` (from the repository root) on {started:%Y-%m-%d %H:%M} UTC; "
+        f"the whole run took {seconds / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        *(f"- {key}: {value}" for key, value in about),
+    ]
+    for section in sections:
+        out += ["", f"## {section.title}", "", f"`{shlex.join(section.command)}`", ""]
+        if section.error:
+            out += [f"**The bench failed ({section.error}); figures below may be missing.**", ""]
+        out += ["| figure | value | target | met? |", "|---|---|---|---|"]
+        for row in section.rows:
+            met = "" if row.met is None else "yes" if row.met else "**no**"
+            out.append(f"| {row.figure} | {row.value} | {row.target} | {met} |")
+    out += ["", "## Raw output"]
+    for section in sections:
+        out += [
+            "",
+            f"<details><summary>{section.title}</summary>",
+            "",
+            "```",
+            section.output.rstrip(),
+            "```",
+            "",
+            "</details>",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written "## Notes" section of the previous RESULTS.md, if any."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start = text.find(NOTES)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(NOTES))
+    return text[start : end if end >= 0 else len(text)].rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smtp-messages",
+        type=int,
+        default=1000,
+        help="copies per path and round (the issue's figure is 2000)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, SMTP and HTTP")
+    parser.add_argument("--redirect-seconds", type=int, default=5)
+    parser.add_argument("--rewrite-seconds", type=float, default=0.3)
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    started, clock = datetime.datetime.now(datetime.UTC), time.monotonic()
+    about = machine()
+    for key, value in about:
+        print(f"{key}: {value}")
+    with tempfile.TemporaryDirectory() as folder:
+        smtp_json = Path(folder) / "smtp.json"
+        rounds = ["--rounds", str(args.rounds)]
+        smtp = Section(
+            "SMTP relay",
+            "bench_smtp.py",
+            ["--messages", str(args.smtp_messages), *rounds],
+            timeout=1200,
+        )
+        rewrite = Section(
+            "Link rewriting",
+            "bench_rewrite.py",
+            ["--seconds", str(args.rewrite_seconds)],
+            timeout=600,
+        )
+        redirect = Section(
+            "Redirects",
+            "bench_redirect.py",
+            ["--seconds", str(args.redirect_seconds), *rounds],
+            timeout=900,
+        )
+        benches: list[tuple[Section, list[str], Callable[[Section], None]]] = [
+            (smtp, ["--json", str(smtp_json)],
+             lambda s: smtp_rows(s, json.loads(smtp_json.read_text()))),
+            (rewrite, [], rewrite_rows),
+            (redirect, [], redirect_rows),
+        ]  # fmt: skip
+        for section, extra, figures in benches:
+            run(section, extra)
+            try:
+                figures(section)
+            except (OSError, ValueError, KeyError) as exc:
+                unparsed(section, f"figures ({type(exc).__name__}: {exc})")
+    sections = [smtp, rewrite, redirect]
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), HERE.parent)
+    command = shlex.join(["python", script, *sys.argv[1:]])
+    text = markdown(command, started, time.monotonic() - clock, about, sections)
+    args.output.write_text(text + kept_notes(args.output))
+    print(f"\nfigures written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
