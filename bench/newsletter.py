@@ -1,6 +1,9 @@
 """A synthetic campaign newsletter (table layout, inline CSS, Outlook conditionals, VML button)
-for benchmarks: about `size` bytes of HTML with `links` distinct tracked links plus the usual
-untracked ones (mailto, anchor, unsubscribe, view-in-browser)."""
+for benchmarks: about `size` bytes of HTML with `links` links in all. Four are not tracked (a
+view-in-browser link, a mailto, an anchor, an unsubscribe link); the rest are tracked, and one
+distinct URL among them appears twice: as a VML button inside an ``<!--[if mso]>`` comment and as
+the ``<a>`` other clients show instead. So the default 40 links are 36 tracked ones with 35
+distinct URLs, plus the 4 untracked."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ ARTICLE = """<tr><td class="col" style="padding:24px 32px;font-family:Helvetica,
 <h2 style="margin:0 0 12px 0;font-size:22px;color:#111111;">{title}</h2>
 <img src="https://cdn.example.com/img/{n}.jpg" width="536" alt="{title}" style="display:block;border:0;width:100%;max-width:536px;">
 <p style="margin:12px 0;">{text}</p>
-<p style="margin:12px 0;"><a href="{url}" style="color:#0066cc;text-decoration:underline;">{cta}</a> &middot; <a href="mailto:editor@example.com?subject=Re:%20{n}" style="color:#0066cc;">Write to us</a></p>
+<p style="margin:12px 0;"><a href="{url}" style="color:#0066cc;text-decoration:underline;">{cta}</a></p>
 <!--[if mso]></td></tr></table><![endif]-->
 </td></tr>
 """
@@ -42,12 +45,15 @@ BUTTON = """<tr><td align="center" style="padding:16px;">
 
 FOOT = """<tr><td style="padding:24px;font-size:12px;color:#888888;text-align:center;">
 <a href="#top" style="color:#888888;">Back to top</a> |
+<a href="mailto:editor@example.com?subject=Spring%20newsletter" style="color:#888888;">Write to us</a> |
 <a href="https://news.example.com/unsubscribe?u={n}" style="color:#888888;">Unsubscribe</a> |
 <a href="https://news.example.com/preferences?u={n}" style="color:#888888;">Preferences</a>
 </td></tr></table>
 </body>
 </html>
 """
+
+HEAD_LINKS, BUTTON_LINKS, FOOT_LINKS = 1, 2, 4  # links in each block (ARTICLE: 1)
 
 WORDS = ["spring", "sale", "garden", "tools", "seeds", "flowers", "weekend", "offer", "delivery", "members", "fresh", "collection", "season", "outdoor", "furniture", "lighting", "planters", "compost", "free", "shipping"]  # fmt: skip
 
@@ -58,31 +64,38 @@ def fill(template: str, **values: object) -> str:
     return template
 
 
+def filler(rng: random.Random, length: int) -> str:
+    """Words up to `length` characters."""
+    words: list[str] = []
+    total = -1
+    while True:
+        word = rng.choice(WORDS)
+        if total + 1 + len(word) > length:
+            return " ".join(words)
+        words.append(word)
+        total += 1 + len(word)
+
+
 def newsletter(size: int = 60_000, links: int = 40, seed: int = 1) -> str:
+    """The HTML: the head, `links` - 7 articles (one tracked link each) with the VML button in
+    the middle, and the footer; the articles' text makes up the size."""
     rng = random.Random(seed)
-    parts = [fill(HEAD, n=seed)]
-    budget = size - len(HEAD) - len(FOOT)
-    per_article = budget // (links - links // 10)  # buttons carry no filler text
-    for i in range(links):
-        url = (
-            f"https://shop.example.com/spring/item-{i}"
-            f"?utm_source=newsletter&amp;utm_campaign=spring&amp;pos={i}"
-        )
-        filler = " ".join(rng.choice(WORDS) for _ in range(per_article // 7))
-        if i % 10 == 9:
-            block = fill(BUTTON, url=url, cta=f"See offer {i}")
-        else:
-            block = fill(ARTICLE, title=f"Offer {i}", n=i, url=url, cta=f"See offer {i}", text="")
-        parts.append(
-            block
-            if i % 10 == 9
-            else block.replace(
-                '<p style="margin:12px 0;"></p>',
-                f'<p style="margin:12px 0;">{filler[: max(0, per_article - len(block))]}</p>',
-            )
-        )
-    parts.append(fill(FOOT, n=seed))
-    return "".join(parts)
+    articles = links - HEAD_LINKS - BUTTON_LINKS - FOOT_LINKS
+    if articles < 1:
+        raise ValueError(f"a newsletter has at least {links - articles + 1} links")
+    url = "https://shop.example.com/spring/item-{i}?utm_source=newsletter&amp;utm_campaign=spring&amp;pos={i}"  # fmt: skip
+    blocks = [
+        fill(ARTICLE, title=f"Offer {i}", n=i, url=fill(url, i=i), cta=f"See offer {i}")
+        for i in range(articles)
+    ]
+    blocks.insert(articles // 2, fill(BUTTON, url=fill(url, i="button"), cta="Shop the sale"))
+    head, foot = fill(HEAD, n=seed), fill(FOOT, n=seed)
+    room = size - len(head) - len(foot) - sum(len(block) for block in blocks) + 6 * articles
+    texts = iter([filler(rng, room // articles) for _ in range(articles)])
+    blocks = [
+        block.replace("{text}", next(texts)) if "{text}" in block else block for block in blocks
+    ]
+    return head + "".join(blocks) + foot
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ async def test_authenticated_client_may_relay_over_starttls(upstream, settings, 
 async def test_long_lines_bare_lf_and_8bit_headers_pass_unchanged(upstream, settings):
     original = (
         "Subject: caf\u00e9 \u00fcber\r\nFrom: a@example.com\r\n\r\n".encode()
-        + b"x" * 5000
+        + b"x" * 200_000  # longer than RFC 5321 allows, and than a command line may be
         + b"\r\nbare\nlf\nlines\r\n\xff\xfe raw 8-bit\r\n"
     )
     async with start_relay(no_trace(settings)) as relay:
@@ -229,6 +229,16 @@ async def test_long_lines_bare_lf_and_8bit_headers_pass_unchanged(upstream, sett
     assert upstream.received[0].content == original.replace(
         b"bare\nlf\nlines", b"bare\r\nlf\r\nlines"
     )
+
+
+async def test_overlong_command_is_refused_and_the_session_goes_on(upstream, relay):
+    client = await RawClient.connect(relay.port)
+    await client.cmd("EHLO c")
+    overlong = await client.cmd(b"MAIL FROM:<" + b"a" * 100_000 + b"@x.test>")
+    replies = await client.send("s@x.test", ["r@x.test"], message())
+    await client.close()
+    assert overlong.startswith("500")
+    assert replies[-1].startswith("250")
 
 
 async def test_smtputf8_addresses_pass_through(upstream, relay):

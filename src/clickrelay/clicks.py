@@ -4,7 +4,7 @@ Each request enqueues its click and awaits the commit of the batch that holds it
 goes out only after that. There is no timer: a flush starts as soon as a click arrives and the
 previous flush has finished, and takes everything that queued meanwhile. Under load, batches grow
 by themselves; at rest, a lone click is committed at once. The report counters are brought up to
-date (`Store.roll_up`) at most once a second here, and by the reports themselves before reading.
+date (`Store.roll_up`) here in small steps, and by the reports themselves before reading.
 
 If storage fails, clicks are held in memory (bounded) and retried every few seconds; requests are
 answered at once meanwhile (the recipient still gets where they were going), and the log says so
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 HOLD_LIMIT = 100_000  # clicks held in memory while storage is down; beyond it the oldest go
 RETRY_SECONDS = 2.0
-ROLL_UP_SECONDS = 1.0  # how often the report counters are brought up to date under load
+# Under load the report counters are brought up to date this often, in steps small enough
+# (a few milliseconds) not to hold up the click commits waiting behind them.
+ROLL_UP_SECONDS = 0.1
+ROLL_UP_LIMIT = 1000
 
 Held = tuple[NewClick, float | None]  # a click and, for a burst, since when to re-mark
 
@@ -82,7 +85,7 @@ class ClickRecorder:
     async def _roll_up(self) -> None:
         self._rolled_at = time.monotonic()
         try:
-            await self.store.roll_up()
+            await self.store.roll_up(ROLL_UP_LIMIT)
         except StoreError as exc:  # the clicks are stored; the counters catch up next time
             log.error("rolling up click counters failed: %s", exc)
 

@@ -76,16 +76,21 @@ def field_value(raw: bytes, header: HeaderField) -> str:
     return text
 
 
-def remove_fields(raw: bytes, block: HeaderBlock, names: frozenset[str]) -> bytes:
-    """`raw` without the top-level fields named in `names` (lower-case); all else byte-identical."""
-    doomed = [f for f in block.fields if f.name in names]
-    if not doomed:
+def field_spans(block: HeaderBlock, names: frozenset[str]) -> list[tuple[int, int]]:
+    """The byte ranges of the top-level fields named in `names` (lower-case)."""
+    return [(f.start, f.end) for f in block.fields if f.name in names]
+
+
+def without(raw: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """`raw` without the byte ranges `spans` (in order); all else byte-identical."""
+    if not spans:
         return raw
+    view = memoryview(raw)  # slices of a view copy nothing; the join makes the one copy
     pieces, pos = [], 0
-    for header in doomed:
-        pieces.append(raw[pos : header.start])
-        pos = header.end
-    pieces.append(raw[pos:])
+    for start, end in spans:
+        pieces.append(view[pos:start])
+        pos = end
+    pieces.append(view[pos:])
     return b"".join(pieces)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -26,6 +27,7 @@ MAX_LINE = 998  # RFC 5322: octets per line, without CRLF, for 7bit/8bit
 _SIGNED_OR_ENCRYPTED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
                         "application/x-pkcs7-mime"}  # fmt: skip
 _IDENTITY = {"", "7bit", "8bit", "binary"}
+_ROUND_TRIP_CODECS = {"utf-8", "ascii", "iso8859-1"}  # codecs.lookup(...).name of each
 _BIT_VARIANTS = re.compile(r"[78]-?bits?")
 _header_parser = BytesHeaderParser()
 
@@ -40,7 +42,7 @@ class Entity:
     headers: Message
     children: list[Entity] = field(default_factory=list)
 
-    @property
+    @functools.cached_property  # asked for several times a message, and parsed each time
     def content_type(self) -> str:
         return self.headers.get_content_type()
 
@@ -70,7 +72,8 @@ def _entity(raw: bytes, start: int, end: int, default_type: str, depth: int) -> 
     headers = _header_parser.parsebytes(raw[start : block.body_start])
     headers.set_default_type(default_type)
     entity = Entity(start, block.body_start, end, headers)
-    boundary = headers.get_boundary() if headers.get_content_maintype() == "multipart" else None
+    multipart = entity.content_type.partition("/")[0] == "multipart"  # get_content_maintype()
+    boundary = headers.get_boundary() if multipart else None
     if boundary and depth < MAX_DEPTH:
         child_type = "message/rfc822" if entity.content_type == "multipart/digest" else "text/plain"
         entity.children = [
@@ -135,6 +138,7 @@ class DecodedPart:
     encoding: str  # the Content-Transfer-Encoding, lower-case ("" when absent)
     eol: bytes
     trailing: bytes  # whitespace after the last base64 line, kept as it was
+    body: bytes  # the body as it is in the message (transfer-encoded)
 
 
 def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
@@ -157,16 +161,19 @@ def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
         return None
     try:
         text = data.decode(charset)
-        if text.encode(charset) != data:  # e.g. non-canonical escape sequences: not exact
+        # e.g. non-canonical escape sequences: not exact. Strict UTF-8, ASCII and Latin-1 decode
+        # only what they would encode again, byte for byte: no need to check (or to pay for it).
+        if charset not in _ROUND_TRIP_CODECS and text.encode(charset) != data:
             return None
     except (UnicodeError, LookupError):
         return None
     eol = b"\r\n" if b"\r\n" in body[:4096] or b"\n" not in body else b"\n"
-    return DecodedPart(entity, text, charset, encoding, eol, body[len(body.rstrip()) :])
+    trailing = body[len(body.rstrip()) :]
+    return DecodedPart(entity, text, charset, encoding, eol, trailing, body)
 
 
 def _charset(entity: Entity, data: bytes) -> str | None:
-    declared = entity.headers.get_content_charset()
+    declared = _content_charset(entity.headers)
     if declared is None:  # undeclared: UTF-8 if it is that, else byte-transparent Latin-1
         try:
             data.decode("utf-8")
@@ -181,6 +188,22 @@ def _charset(entity: Entity, data: bytes) -> str | None:
     return None
 
 
+def _content_charset(headers: Message) -> str | None:
+    """headers.get_content_charset(): it depends on the (first) Content-Type field alone, so it is
+    cached by that field's value, the email package's parameter parsing being slow."""
+    value = headers.get("content-type")
+    if not isinstance(value, str):  # absent, or a Header (a value with 8-bit bytes)
+        return headers.get_content_charset()
+    return _charset_parameter(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _charset_parameter(content_type: str) -> str | None:
+    message = Message()
+    message["Content-Type"] = content_type
+    return message.get_content_charset()
+
+
 @dataclass(frozen=True)
 class Replacement:
     entity: Entity
@@ -188,17 +211,99 @@ class Replacement:
     encoding_header: bytes | None  # a new Content-Transfer-Encoding field, when it had to change
 
 
-def encode(part: DecodedPart, text: str) -> Replacement:
-    """Encode changed text like the original part (7bit/8bit with over-long lines: as QP)."""
+Edit = tuple[int, int, str]  # text[start:end] becomes the new text
+
+
+def encode(part: DecodedPart, text: str, edits: Sequence[Edit] = ()) -> Replacement:
+    """Encode changed text like the original part (7bit/8bit with over-long lines: as QP).
+
+    `edits`, when given, are the edits of `part.text` that made `text` (in order, as
+    `links.edits` makes them): a quoted-printable part then keeps the encoded lines they leave.
+    """
     data = text.encode(part.charset)
     if part.encoding == "base64":
         return Replacement(part.entity, _base64(data, part.eol) + part.trailing, None)
     if part.encoding == "quoted-printable":
-        return Replacement(part.entity, binascii.b2a_qp(data, istext=True), None)
+        textual = _ascii_line_breaks(part.charset)
+        body = _requoted(part, text, data, edits) if edits and textual else None
+        return Replacement(
+            part.entity, _quoted_printable(data, textual) if body is None else body, None
+        )
     if part.encoding != "binary" and _longest_line(data) > MAX_LINE:
         header = b"Content-Transfer-Encoding: quoted-printable" + part.eol
-        return Replacement(part.entity, binascii.b2a_qp(data, istext=True), header)
+        textual = _ascii_line_breaks(part.charset)
+        return Replacement(part.entity, _quoted_printable(data, textual), header)
     return Replacement(part.entity, data, None)
+
+
+def _ascii_line_breaks(charset: str) -> bool:
+    """Whether a line break is the bytes CR LF in this charset. Not in UTF-16 or UTF-32, where
+    0x0A can be half of any character: there quoted-printable must quote every line break."""
+    return "\r\n".encode(charset) == b"\r\n"
+
+
+def _quoted_printable(data: bytes, textual: bool) -> bytes:
+    if textual:
+        return binascii.b2a_qp(data, istext=True)
+    # Every byte quoted, but a final CRLF (the body's own last line break, which the decoded
+    # data keeps) stays a line break, or re-encoding would add one more each time.
+    end = len(data) - 2 if data.endswith(b"\r\n") else len(data)
+    return binascii.b2a_qp(data[:end], istext=False) + data[end:]
+
+
+# A line break that is not a soft one (the "=" of "=\r\n" or "=\n" hides the break from the text).
+_HARD_LINE_BREAK = re.compile(rb"\n(?<!=\n)(?<!=\r\n)")
+
+
+def _requoted(part: DecodedPart, text: str, data: bytes, edits: Sequence[Edit]) -> bytes | None:
+    """`data` quoted-printable: b2a_qp for the lines the edits touched, the part's own encoded
+    lines for all others; None if that does not decode back to `data` exactly.
+
+    b2a_qp costs some 80 instructions a byte, more than anything else in a rewrite, while a
+    rewrite touches few lines (and every line left as the sender encoded it is bytes kept). In
+    well-formed quoted-printable the encoded lines, split at the line breaks that are not soft,
+    decode one to one to the lines of the text; and edits of href values and attributes seldom
+    add or remove a line break. Rather than trust either, the result is decoded again.
+    """
+    encoded = _HARD_LINE_BREAK.split(part.body)
+    pieces: list[bytes] = []
+    kept = 0  # the encoded lines before this one are in pieces
+    for first, last, start, end in _touched_lines(text, edits):
+        if last >= len(encoded):
+            return None
+        pieces += encoded[kept:first]
+        # With a "\n" after it, so that b2a_qp sees a CRLF end as one: it comes off again, as
+        # the lines are joined with it.
+        lines = text[start:end].encode(part.charset) + b"\n"
+        pieces.append(binascii.b2a_qp(lines, istext=True)[:-1])
+        kept = last + 1
+    pieces += encoded[kept:]
+    result = b"\n".join(pieces)
+    return result if binascii.a2b_qp(result) == data else None
+
+
+def _touched_lines(text: str, edits: Sequence[Edit]) -> Iterator[tuple[int, int, int, int]]:
+    """The runs of lines of `text` (edited) that hold what the edits wrote or removed: each as
+    its first and last line number, and its start and end in `text` (without a final "\n")."""
+    shift = 0  # how much longer the edited text is, up to the current edit
+    line, counted = 0, 0  # text[:counted] holds `line` line breaks
+    run: tuple[int, int] | None = None
+    for old_start, old_end, new in edits:
+        start = old_start + shift
+        shift += len(new) - (old_end - old_start)
+        end = text.find("\n", start + len(new))
+        end = len(text) if end < 0 else end
+        if run is not None and start <= run[1]:  # on a line of the run
+            run = (run[0], max(run[1], end))
+            continue
+        if run is not None:
+            line += text.count("\n", counted, run[0])
+            counted = run[0]
+            yield line, line + text.count("\n", run[0], run[1]), run[0], run[1]
+        run = (text.rfind("\n", 0, start) + 1, end)
+    if run is not None:
+        line += text.count("\n", counted, run[0])
+        yield line, line + text.count("\n", run[0], run[1]), run[0], run[1]
 
 
 def _base64(data: bytes, eol: bytes) -> bytes:
@@ -210,19 +315,24 @@ def _longest_line(data: bytes) -> int:
     return max((len(line.rstrip(b"\r")) for line in data.split(b"\n")), default=0)
 
 
-def splice(raw: bytes, replacements: list[Replacement]) -> bytes:
-    """`raw` with each replaced entity's body (and, where given, its transfer-encoding field)."""
-    edits: list[tuple[int, int, bytes]] = []
+def splice(
+    raw: bytes, replacements: list[Replacement], removals: Sequence[tuple[int, int]] = ()
+) -> bytes:
+    """`raw` with each replaced entity's body (and, where given, its transfer-encoding field),
+    and without the byte ranges in `removals` (the control header fields)."""
+    edits: list[tuple[int, int, bytes]] = [(start, end, b"") for start, end in removals]
     for rep in replacements:
         if rep.encoding_header is not None:
             edits.append(_encoding_header_edit(raw, rep.entity, rep.encoding_header))
         edits.append((rep.entity.body_start, rep.entity.end, rep.body))
     edits.sort(key=lambda edit: edit[0])
-    pieces, pos = [], 0
+    view = memoryview(raw)  # slices of a view copy nothing; the join makes the one copy
+    pieces: list[memoryview | bytes] = []
+    pos = 0
     for start, end, data in edits:
-        pieces += [raw[pos:start], data]
+        pieces += [view[pos:start], data]
         pos = end
-    pieces.append(raw[pos:])
+    pieces.append(view[pos:])
     return b"".join(pieces)
 
 

@@ -22,10 +22,11 @@ from clickrelay.headers import (
     ControlHeaders,
     HeaderBlock,
     control_field_names,
+    field_spans,
     field_value,
     parse_header_block,
     read_control_headers,
-    remove_fields,
+    without,
 )
 from clickrelay.links import LinkRules
 from clickrelay.store import NewSend, Store, StoreError
@@ -80,33 +81,44 @@ class MessagePipeline:
             control = replace(control, contact_email=envelope.rcpt_tos[0])
         message_id = block.first("message-id")
         prepared = Prepared(
-            message=remove_fields(message, block, self.control_names),
+            message=message,
             message_id=field_value(message, message_id) if message_id else "-",
             control=control,
             decision="not_campaign",
         )
-        if control.campaign_id is None:
-            return prepared
+        control_spans = field_spans(block, self.control_names)
+        if control.campaign_id is not None:
+            await self._decide(prepared, block, control_spans)
+        if prepared.message is message:  # not rewritten: only the control headers go
+            prepared.message = without(message, control_spans)
+        return prepared
+
+    async def _decide(
+        self, prepared: Prepared, block: HeaderBlock, control_spans: list[tuple[int, int]]
+    ) -> None:
+        """Decide, rewrite and record a campaign send; on any failure leave it untouched."""
+        control, message = prepared.control, prepared.message
         if control.test_send:
             prepared.decision = "test_send"  # test sends are not recorded at all
-            return prepared
+            return
         try:
             prepared.decision = self._header_reason(control) or "tracked"
             if prepared.decision == "tracked":
-                root = await self._cpu(len(message), mime.parse, prepared.message)
+                root = await self._cpu(len(message), mime.parse, message)
                 prepared.decision = self._content_reason(block, root) or "tracked"
             if prepared.decision == "tracked":
-                await self._rewrite(prepared, message, block, root)
+                await self._rewrite(prepared, block, root, control_spans)
         except StoreError as exc:
             log.error("storage failed, forwarding untouched: %s", exc)
             prepared.decision = "error"
-            return prepared
+            prepared.message = message
+            return
         except Exception:
             log.exception("rewriting %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
+            prepared.message = message
         if prepared.send_id is None:
             await self._record(prepared)
-        return prepared
 
     def _header_reason(self, control: ControlHeaders) -> str | None:
         """Why the control headers say not to rewrite, if they do."""
@@ -125,14 +137,19 @@ class MessagePipeline:
         return None
 
     async def _rewrite(
-        self, prepared: Prepared, original: bytes, block: HeaderBlock, root: mime.Entity
+        self,
+        prepared: Prepared,
+        block: HeaderBlock,
+        root: mime.Entity,
+        control_spans: list[tuple[int, int]],
     ) -> None:
+        original = prepared.message
         unsubscribe = block.first("list-unsubscribe")
         rules = self.rules
         if unsubscribe is not None:
             urls = rewrite.list_unsubscribe_urls(field_value(original, unsubscribe))
             rules = replace(rules, unsubscribe_urls=urls)
-        plan = await self._cpu(len(original), rewrite.plan, prepared.message, root, rules)
+        plan = await self._cpu(len(original), rewrite.plan, original, root, rules)
         if plan is None:
             prepared.decision = "no_html"
             return
@@ -152,7 +169,7 @@ class MessagePipeline:
             for url, link_id in recorded.link_ids.items()
         }
         try:
-            prepared.message = await self._cpu(len(original), plan.apply, tracking)
+            prepared.message = await self._cpu(len(original), plan.apply, tracking, control_spans)
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from clickrelay import links, mime
@@ -42,18 +42,25 @@ class RewritePlan:
     def untracked(self) -> Counter[tuple[str, str]]:
         return Counter((link.url, reason) for link, reason in self._judged() if reason)
 
-    def apply(self, tracking_urls: Mapping[str, str]) -> bytes:
-        """The message with each tracked link's href replaced by `tracking_urls[link.url]`."""
+    def apply(
+        self, tracking_urls: Mapping[str, str], removals: Sequence[tuple[int, int]] = ()
+    ) -> bytes:
+        """The message with each tracked link's href replaced by `tracking_urls[link.url]`, and
+        the byte ranges in `removals` (the control headers) taken out, in one copy."""
         replacements = []
         for part in self.parts:
             if not part.changes():
                 continue  # nothing to do: keep the part's bytes, do not re-encode
-            edits = [
-                (link, tracking_urls[link.url] if reason is None else None)
-                for link, reason in part.judged
-            ]
-            replacements.append(mime.encode(part.decoded, links.splice(part.decoded.text, edits)))
-        return mime.splice(self.message, replacements) if replacements else self.message
+            text = part.decoded.text
+            edits = links.edits(
+                text,
+                [
+                    (link, tracking_urls[link.url] if reason is None else None)
+                    for link, reason in part.judged
+                ],
+            )
+            replacements.append(mime.encode(part.decoded, links.apply_edits(text, edits), edits))
+        return mime.splice(self.message, replacements, removals)
 
 
 def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | None:

@@ -175,8 +175,9 @@ class Store(Protocol):
         """Commit a batch of clicks in one transaction. `bursts`: (send id, since) pairs whose
         human clicks since then are re-marked as bot clicks (reason `burst`)."""
 
-    async def roll_up(self) -> int:
-        """Add the clicks stored since the last roll-up to the report counters; how many."""
+    async def roll_up(self, limit: int | None = None) -> None:
+        """Add the clicks stored since the last roll-up (at most `limit` of them) to the report
+        counters."""
 
     async def campaigns(
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
@@ -321,29 +322,30 @@ MIGRATIONS: list[list[str]] = [
 
 LINK_CACHE_SIZE = 50_000
 CHECKPOINT_SECONDS = 1.0
-# Each takes the clicks with :last < id <= :top and adds them to a counter table. The stats
-# rows go first: the triggers on the *_contacts tables count unique clickers into them.
+# Each adds the clicks with last < id <= top (from the one-row table roll_range) to a counter
+# table. The stats rows go first: the triggers on the *_contacts tables count unique clickers
+# into them.
 _ROLL_UP = [
     """INSERT INTO campaign_stats (campaign_id, human_clicks, bot_clicks)
     SELECT campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL)
-    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id
+    FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
         bot_clicks = bot_clicks + excluded.bot_clicks""",
     """INSERT INTO link_stats (link_id, campaign_id, human_clicks, bot_clicks)
     SELECT link_id, campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL)
-    FROM clicks WHERE id > :last AND id <= :top GROUP BY link_id
+    FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY link_id
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
         bot_clicks = bot_clicks + excluded.bot_clicks""",
     """INSERT INTO campaign_contacts (campaign_id, contact_key, human_clicks)
     SELECT campaign_id, contact_key, sum(bot_reason IS NULL)
-    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id, contact_key
+    FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id, contact_key
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks""",
     """INSERT INTO link_contacts (link_id, contact_key, send_id, human_clicks, bot_clicks,
                                first_click, last_click)
     SELECT link_id, contact_key, max(send_id), sum(bot_reason IS NULL),
         sum(bot_reason IS NOT NULL), min(iif(bot_reason IS NULL, clicked_at, NULL)),
         max(iif(bot_reason IS NULL, clicked_at, NULL))
-    FROM clicks WHERE id > :last AND id <= :top GROUP BY link_id, contact_key
+    FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY link_id, contact_key
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
         bot_clicks = bot_clicks + excluded.bot_clicks, send_id = excluded.send_id,
         first_click = coalesce(min(first_click, excluded.first_click), first_click,
@@ -353,9 +355,26 @@ _ROLL_UP = [
     """INSERT INTO click_hours (campaign_id, hour, human, bot)
     SELECT campaign_id, CAST(clicked_at / 3600 AS INT) AS hour, sum(bot_reason IS NULL),
         sum(bot_reason IS NOT NULL)
-    FROM clicks WHERE id > :last AND id <= :top GROUP BY campaign_id, hour
+    FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id, hour
     ON CONFLICT DO UPDATE SET human = human + excluded.human, bot = bot + excluded.bot""",
 ]
+
+
+def _roll_up_script(limit: int) -> str:
+    """One transaction, sent to the database thread in one trip (so that a roll-up holds the
+    writer for as short a time as possible). `limit` is an int, never text from outside."""
+    return f"""
+        BEGIN IMMEDIATE;
+        CREATE TEMP TABLE IF NOT EXISTS roll_range (last INTEGER NOT NULL, top INTEGER NOT NULL);
+        DELETE FROM roll_range;
+        INSERT INTO roll_range SELECT rolled, min(coalesce(newest, 0), rolled + {int(limit)})
+            FROM (SELECT CAST(value AS INTEGER) AS rolled FROM meta WHERE key = 'rolled_up'),
+                 (SELECT max(id) AS newest FROM clicks);
+        {";".join(_ROLL_UP)};
+        UPDATE meta SET value = (SELECT max(last, top) FROM roll_range) WHERE key = 'rolled_up';
+        COMMIT;"""  # noqa: S608 (constants and an int only)
+
+
 _INSERT_CLICKS = """
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
                         method, bot_reason)
@@ -594,19 +613,15 @@ class SQLiteStore:
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
 
-    async def roll_up(self) -> int:
-        try:
-            async with self._transaction() as db:
-                last = int(await self._scalar("SELECT value FROM meta WHERE key = 'rolled_up'"))
-                top = await self._scalar("SELECT max(id) FROM clicks") or 0
-                if top <= last:
-                    return 0
-                for statement in _ROLL_UP:
-                    await db.execute(statement, {"last": last, "top": top})
-                await db.execute("UPDATE meta SET value = ? WHERE key = 'rolled_up'", (str(top),))
-        except _FAILURES as exc:
-            raise StoreError(str(exc)) from exc
-        return top - last
+    async def roll_up(self, limit: int | None = None) -> None:
+        async with self._lock:
+            db = self._connection()
+            try:
+                await db.executescript(_roll_up_script(limit or 2**62))
+            except _FAILURES as exc:
+                with contextlib.suppress(*_FAILURES):
+                    await db.execute("ROLLBACK")
+                raise StoreError(str(exc)) from exc
 
     async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         if self._db is None:

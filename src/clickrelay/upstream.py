@@ -189,7 +189,7 @@ class SmtpTransaction:
             wire = b""
             for piece in pieces:
                 wire = dot_stuff(piece)
-                protocol.write(wire)
+                _write(protocol, wire)
             protocol.write(b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
             reply = await protocol.read_response(timeout=timeout)
         except _FAILURES as exc:
@@ -213,6 +213,17 @@ class SmtpTransaction:
                 self.conn.close()
                 return
         self.upstream._release(self.conn)
+
+
+WRITE_CHUNK = 256 * 1024
+
+
+def _write(protocol: aiosmtplib.protocol.SMTPProtocol, data: bytes) -> None:
+    """Write in chunks of a memoryview: on Python 3.11 the transport copies whatever it cannot
+    send at once, and a 30 MB write would first be sliced (one copy) and then buffered (two)."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])
 
 
 def dot_stuff(message: bytes) -> bytes:
