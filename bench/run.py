@@ -4,7 +4,7 @@ its baseline in the same run. Prints the machine's description and every bench's
 writes the figures against their targets to bench/RESULTS.md (a "## Notes" section already in
 that file is kept). The defaults keep the whole run to about five minutes.
 
-    python bench/run.py [--smtp-messages 1000] [--rounds 3] [--redirect-seconds 5]
+    python bench/run.py [--smtp-messages 2000] [--rounds 3] [--redirect-seconds 5]
 """
 
 from __future__ import annotations
@@ -260,8 +260,8 @@ def main() -> None:
     parser.add_argument(
         "--smtp-messages",
         type=int,
-        default=1000,
-        help="copies per path and round (the issue's figure is 2000)",
+        default=2000,
+        help="copies per path and round",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, SMTP and HTTP")
     parser.add_argument("--redirect-seconds", type=int, default=5)

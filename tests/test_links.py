@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bs4 import BeautifulSoup, Comment, Tag
 from bs4.exceptions import ParserRejectedMarkup
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from clickrelay.links import (
@@ -23,6 +23,7 @@ from clickrelay.links import (
     classify,
     find_links,
     find_links_reference,
+    scan,
     splice,
 )
 
@@ -302,6 +303,17 @@ def test_find_links_equals_beautifulsoup_on_any_markup(html):
             find_links(html)
     else:
         assert find_links(html) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(FRAGMENTS, link(comments=True)), max_size=20).map("".join))
+def test_new_hrefs_keep_the_links_of_markup_the_scanner_reads(html):
+    """Where the fast scanner reads a document, rewriting it needs no check (see links.scan)."""
+    found, well_formed = scan(html)
+    assume(well_formed and found)
+    tracking_url = "https://t.example/c/" + "A" * 32
+    spliced = splice(html, [(link, tracking_url) for link in found])
+    assert [link.url for link in find_links_reference(spliced)] == [tracking_url] * len(found)
 
 
 def without(text: str, spans: list[tuple[int, int]]) -> str:

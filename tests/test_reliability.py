@@ -935,6 +935,10 @@ BARE_LF_LONG_LINE = (  # re-encoded as quoted-printable; the message then ends i
     + b"x" * 1000
     + b"</p>"
 )
+BROKEN_QUOTES_LEAF = (  # the first tag turns into a link if the second href is rewritten
+    b'Content-Type: text/html\r\n\r\n<a href="https://example.com/u<p>xxx</p><a href="'
+    b'https://example.com/u<a href="https://example.com/u\r\n</body></html>\r\n'
+)
 UTF16_QUOTED_PRINTABLE = leaf_headers(  # UTF-16 has 0x0A bytes that are no line breaks
     "text/html; charset=utf-16", "quoted-printable", "\r\n"
 ).encode() + transfer_encoded(
@@ -965,6 +969,6 @@ async def test_fuzzed_mime_structures_are_forwarded_faithfully(settings, upstrea
 
 @pytest.mark.slow
 async def test_fuzzed_html_is_forwarded_faithfully(settings, upstream, caplog):
-    known = [BARE_LF_LONG_LINE, UTF16_QUOTED_PRINTABLE]
+    known = [BARE_LF_LONG_LINE, UTF16_QUOTED_PRINTABLE, BROKEN_QUOTES_LEAF]
     outcomes = await fuzz_through_relay(settings, upstream, caplog, html_leaves(), known)
     assert outcomes["rewritten"] > 0, outcomes

@@ -57,6 +57,7 @@ __all__ = [
     "edits",
     "find_links",
     "find_links_reference",
+    "scan",
     "splice",
 ]
 
@@ -79,8 +80,18 @@ class Link(NamedTuple):
 
 def find_links(html: str) -> list[Link]:
     """All links, in document order; equal to `find_links_reference`, usually much faster."""
+    return scan(html)[0]
+
+
+def scan(html: str) -> tuple[list[Link], bool]:
+    """`find_links`, and whether the fast scanner read the document.
+
+    Where it did, every tag holding a link is well formed, so that another quoted href value
+    cannot change what is a link. Where it did not, html.parser's reading of a broken tag can
+    hinge on a quote far away, and a rewrite must check that the links stayed the same.
+    """
     links = _find_links_fast(html)
-    return find_links_reference(html) if links is None else links
+    return (find_links_reference(html), False) if links is None else (links, True)
 
 
 # --- what both paths share: start tags read as html.parser reads them, link values --------------

@@ -153,9 +153,11 @@ class MessagePipeline:
         if plan is None:
             prepared.decision = "no_html"
             return
-        if plan.undecodable:
-            log.warning("%s: %d HTML part(s) not decodable exactly, left as they are",
-                        prepared.message_id, plan.undecodable)  # fmt: skip
+        if plan.left_alone:
+            log.warning(
+                "%s: %d HTML part(s) left as they are (not decodable exactly, or too broken to "
+                "rewrite safely)", prepared.message_id, plan.left_alone,
+            )  # fmt: skip
             if not plan.parts:
                 prepared.decision = "error"
                 return

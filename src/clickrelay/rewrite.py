@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from clickrelay import links, mime
 from clickrelay.links import Link, LinkRules
+from clickrelay.tokens import TOKEN_LENGTH
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,31 @@ class PartPlan:
     def changes(self) -> bool:
         return any(reason is None or link.opt_out for link, reason in self.judged)
 
+    def rewritten(self, tracking_urls: Mapping[str, str]) -> tuple[str, list[links.Edit]]:
+        """The part's text with tracked hrefs replaced and opt-out attributes removed; the edits."""
+        text = self.decoded.text
+        edits = links.edits(
+            text,
+            [
+                (link, tracking_urls[link.url] if reason is None else None)
+                for link, reason in self.judged
+            ],
+        )
+        return links.apply_edits(text, edits), edits
+
+    def keeps_links(self, tracking_url: str) -> bool:
+        """Whether, rewritten with `tracking_url` for every tracked link, the text has the same
+        links in the same order (see `links.scan` for why this needs asking)."""
+        text, _ = self.rewritten({link.url: tracking_url for link, _ in self.judged})
+        expected = [link.url if reason else tracking_url for link, reason in self.judged]
+        return [link.url for link in links.find_links(text)] == expected
+
 
 @dataclass(frozen=True)
 class RewritePlan:
     message: bytes
     parts: list[PartPlan]
-    undecodable: int  # HTML body parts that could not be decoded exactly (left as they are)
+    left_alone: int  # HTML body parts not decodable exactly or too broken to rewrite
 
     def _judged(self) -> list[tuple[Link, str | None]]:
         return [pair for part in self.parts for pair in part.judged]
@@ -51,30 +71,30 @@ class RewritePlan:
         for part in self.parts:
             if not part.changes():
                 continue  # nothing to do: keep the part's bytes, do not re-encode
-            text = part.decoded.text
-            edits = links.edits(
-                text,
-                [
-                    (link, tracking_urls[link.url] if reason is None else None)
-                    for link, reason in part.judged
-                ],
-            )
-            replacements.append(mime.encode(part.decoded, links.apply_edits(text, edits), edits))
+            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_urls)))
         return mime.splice(self.message, replacements, removals)
 
 
 def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | None:
-    """Decode each HTML body part and judge its links; None if the message has no HTML body."""
+    """Decode each HTML body part and judge its links; None if the message has no HTML body.
+
+    A part is left as it is when it cannot be decoded exactly, or when it is so broken that
+    rewriting it would change which links it has.
+    """
     entities = mime.html_body_parts(root)
     if not entities:
         return None
+    sample_url = rules.tracking_prefix + "A" * TOKEN_LENGTH  # the shape of every tracking URL
     parts = []
     for entity in entities:
         decoded = mime.decode(message, entity)
-        if decoded is not None:
-            found = links.find_links(decoded.text)
-            parts.append(PartPlan(decoded, [(link, links.classify(link, rules)) for link in found]))
-    return RewritePlan(message, parts, undecodable=len(entities) - len(parts))
+        if decoded is None:
+            continue
+        found, well_formed = links.scan(decoded.text)
+        part = PartPlan(decoded, [(link, links.classify(link, rules)) for link in found])
+        if well_formed or part.keeps_links(sample_url):
+            parts.append(part)
+    return RewritePlan(message, parts, left_alone=len(entities) - len(parts))
 
 
 def list_unsubscribe_urls(value: str) -> frozenset[str]:
