@@ -265,7 +265,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, SMTP and HTTP")
     parser.add_argument("--redirect-seconds", type=int, default=5)
-    parser.add_argument("--rewrite-seconds", type=float, default=0.3)
+    parser.add_argument("--rewrite-seconds", type=float, default=1.0)
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     started, clock = datetime.datetime.now(datetime.UTC), time.monotonic()

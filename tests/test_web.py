@@ -232,3 +232,19 @@ async def test_concurrent_clicks_are_group_committed(web_settings):
         )
     assert all(r.status == 302 for r in responses)
     assert len(clicks(web_settings)) == 50
+
+
+async def test_counters_keep_pace_with_clicks_whatever_the_clock(web_settings, monkeypatch):
+    """A full roll-up step is followed by another at once, not after ROLL_UP_SECONDS."""
+    from clickrelay import clicks as clicks_module
+
+    monkeypatch.setattr(clicks_module, "ROLL_UP_SECONDS", 1e9)
+    monkeypatch.setattr(clicks_module, "ROLL_UP_LIMIT", 5)
+    async with start_web(web_settings) as web:
+        send_id, links = await web.send()
+        for _ in range(30):  # one at a time: each click is a flush of its own
+            assert (await web.click(send_id, links["https://example.com/a"])).status == 302
+    with sqlite3.connect(web_settings.storage.database) as db:
+        rolled = db.execute("SELECT value FROM meta WHERE key = 'rolled_up'").fetchone()[0]
+        newest = db.execute("SELECT max(id) FROM clicks").fetchone()[0]
+    assert int(rolled) == newest == 30

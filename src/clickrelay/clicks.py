@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 HOLD_LIMIT = 100_000  # clicks held in memory while storage is down; beyond it the oldest go
 RETRY_SECONDS = 2.0
 # Under load the report counters are brought up to date this often, in steps small enough
-# (a few milliseconds) not to hold up the click commits waiting behind them.
+# (a few milliseconds) not to hold up the click commits waiting behind them; and at once after a
+# full step, so that they keep pace with any click rate.
 ROLL_UP_SECONDS = 0.1
 ROLL_UP_LIMIT = 1000
 
@@ -41,6 +42,7 @@ class ClickRecorder:
         self.storage_down = False
         self.lost = 0
         self._rolled_at = 0.0
+        self._unrolled = 0  # clicks committed since the last roll-up step (at most)
 
     async def record(self, click: NewClick, burst_since: float | None = None) -> bool:
         """Store a click: True once committed, False if storage is down (held for retry).
@@ -79,8 +81,13 @@ class ClickRecorder:
                     future.set_result(ok)
             if not ok:
                 await asyncio.sleep(RETRY_SECONDS)
-            elif time.monotonic() - self._rolled_at >= ROLL_UP_SECONDS:
-                await self._roll_up()
+            else:
+                self._unrolled += len(items)
+                if (
+                    self._unrolled >= ROLL_UP_LIMIT
+                    or time.monotonic() - self._rolled_at >= ROLL_UP_SECONDS
+                ):
+                    await self._roll_up()
 
     async def _roll_up(self) -> None:
         self._rolled_at = time.monotonic()
@@ -88,6 +95,8 @@ class ClickRecorder:
             await self.store.roll_up(ROLL_UP_LIMIT)
         except StoreError as exc:  # the clicks are stored; the counters catch up next time
             log.error("rolling up click counters failed: %s", exc)
+            return
+        self._unrolled = max(0, self._unrolled - ROLL_UP_LIMIT)
 
     async def _commit(self, items: list[Held]) -> bool:
         clicks = [click for click, _ in items]

@@ -81,19 +81,6 @@ def field_spans(block: HeaderBlock, names: frozenset[str]) -> list[tuple[int, in
     return [(f.start, f.end) for f in block.fields if f.name in names]
 
 
-def without(raw: bytes, spans: list[tuple[int, int]]) -> bytes:
-    """`raw` without the byte ranges `spans` (in order); all else byte-identical."""
-    if not spans:
-        return raw
-    view = memoryview(raw)  # slices of a view copy nothing; the join makes the one copy
-    pieces, pos = [], 0
-    for start, end in spans:
-        pieces.append(view[pos:start])
-        pos = end
-    pieces.append(view[pos:])
-    return b"".join(pieces)
-
-
 @dataclass(frozen=True)
 class ControlHeaders:
     """What the sending system told us about this message, from the control headers."""

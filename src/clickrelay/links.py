@@ -547,10 +547,9 @@ def _scan_link(html: str, pos: int, name: str, endpos: int, links: list[Link]) -
 def _captured_link(html: str, m: re.Match[str], name: str, endpos: int) -> Link:
     """The link of a start tag without opt-out attributes, from _START_TAG's captures."""
     href = _captured(html, m, "href")
-    if name == "area":
-        text = _decoded(_captured(html, m, "alt")) if m["alt"] is not None else ""
-    else:
-        text = "" if m["self_closing"] else _element_text(html, m.end(), endpos, name)
+    has_alt = name == "area" and m["alt"] is not None  # only an area's alt is its text
+    alt = _decoded(_captured(html, m, "alt")) if has_alt else ""
+    text = _fast_text(html, name, bool(m["self_closing"]), alt, m.end(), endpos)
     return _make_link(href, name, _decoded(href), text, ())
 
 

@@ -179,7 +179,7 @@ def _charset(entity: Entity, data: bytes) -> str | None:
             data.decode("utf-8")
             return "utf-8"
         except UnicodeDecodeError:
-            return "latin-1"
+            return "iso8859-1"  # codecs.lookup("latin-1").name
     for name in (declared, declared.removeprefix("x-")):  # x-mac-cyrillic is mac-cyrillic
         try:
             return codecs.lookup(name).name
@@ -325,6 +325,8 @@ def splice(
         if rep.encoding_header is not None:
             edits.append(_encoding_header_edit(raw, rep.entity, rep.encoding_header))
         edits.append((rep.entity.body_start, rep.entity.end, rep.body))
+    if not edits:
+        return raw
     edits.sort(key=lambda edit: edit[0])
     view = memoryview(raw)  # slices of a view copy nothing; the join makes the one copy
     pieces: list[memoryview | bytes] = []

@@ -26,7 +26,6 @@ from clickrelay.headers import (
     field_value,
     parse_header_block,
     read_control_headers,
-    without,
 )
 from clickrelay.links import LinkRules
 from clickrelay.store import NewSend, Store, StoreError
@@ -87,38 +86,45 @@ class MessagePipeline:
             decision="not_campaign",
         )
         control_spans = field_spans(block, self.control_names)
+        rewritten = None
         if control.campaign_id is not None:
-            await self._decide(prepared, block, control_spans)
-        if prepared.message is message:  # not rewritten: only the control headers go
-            prepared.message = without(message, control_spans)
+            rewritten = await self._decide(prepared, message, block, control_spans)
+        if rewritten is None:  # forwarded as it came, but for the control headers
+            rewritten = mime.splice(message, [], control_spans)
+        prepared.message = rewritten
         return prepared
 
     async def _decide(
-        self, prepared: Prepared, block: HeaderBlock, control_spans: list[tuple[int, int]]
-    ) -> None:
-        """Decide, rewrite and record a campaign send; on any failure leave it untouched."""
-        control, message = prepared.control, prepared.message
+        self,
+        prepared: Prepared,
+        message: bytes,
+        block: HeaderBlock,
+        control_spans: list[tuple[int, int]],
+    ) -> bytes | None:
+        """Decide, rewrite and record a campaign send: the rewritten message, or None to
+        forward it untouched (also after any failure)."""
+        control = prepared.control
         if control.test_send:
             prepared.decision = "test_send"  # test sends are not recorded at all
-            return
+            return None
+        rewritten = None
         try:
             prepared.decision = self._header_reason(control) or "tracked"
             if prepared.decision == "tracked":
                 root = await self._cpu(len(message), mime.parse, message)
                 prepared.decision = self._content_reason(block, root) or "tracked"
             if prepared.decision == "tracked":
-                await self._rewrite(prepared, block, root, control_spans)
+                rewritten = await self._rewrite(prepared, message, block, root, control_spans)
         except StoreError as exc:
             log.error("storage failed, forwarding untouched: %s", exc)
             prepared.decision = "error"
-            prepared.message = message
-            return
+            return None
         except Exception:
             log.exception("rewriting %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
-            prepared.message = message
         if prepared.send_id is None:
             await self._record(prepared)
+        return rewritten
 
     def _header_reason(self, control: ControlHeaders) -> str | None:
         """Why the control headers say not to rewrite, if they do."""
@@ -139,11 +145,11 @@ class MessagePipeline:
     async def _rewrite(
         self,
         prepared: Prepared,
+        original: bytes,
         block: HeaderBlock,
         root: mime.Entity,
         control_spans: list[tuple[int, int]],
-    ) -> None:
-        original = prepared.message
+    ) -> bytes | None:
         unsubscribe = block.first("list-unsubscribe")
         rules = self.rules
         if unsubscribe is not None:
@@ -152,7 +158,7 @@ class MessagePipeline:
         plan = await self._cpu(len(original), rewrite.plan, original, root, rules)
         if plan is None:
             prepared.decision = "no_html"
-            return
+            return None
         if plan.left_alone:
             log.warning(
                 "%s: %d HTML part(s) left as they are (not decodable exactly, or too broken to "
@@ -160,22 +166,23 @@ class MessagePipeline:
             )  # fmt: skip
             if not plan.parts:
                 prepared.decision = "error"
-                return
+                return None
         urls, untracked = plan.tracked_urls, plan.untracked
         prepared.tracked, prepared.skipped = len(urls), sum(untracked.values())
         recorded = await self.store.record_send(self._send(prepared, urls, untracked))
         prepared.send_id = recorded.send_id
-        base = self.settings.web.public_url + "/c/"
+        sign, base = self.signer.sign, self.rules.tracking_prefix
         tracking = {
-            url: base + self.signer.sign(recorded.send_id, link_id, recorded.sent_at)
+            url: base + sign(recorded.send_id, link_id, recorded.sent_at)
             for url, link_id in recorded.link_ids.items()
         }
         try:
-            prepared.message = await self._cpu(len(original), plan.apply, tracking, control_spans)
+            return await self._cpu(len(original), plan.apply, tracking, control_spans)
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
             await self.store.set_send_decision(recorded.send_id, "error")
+            return None
 
     async def _record(self, prepared: Prepared) -> None:
         try:

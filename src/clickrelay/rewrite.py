@@ -39,7 +39,10 @@ class PartPlan:
     def keeps_links(self, tracking_url: str) -> bool:
         """Whether, rewritten with `tracking_url` for every tracked link, the text has the same
         links in the same order (see `links.scan` for why this needs asking)."""
-        text, _ = self.rewritten({link.url: tracking_url for link, _ in self.judged})
+        try:
+            text, _ = self.rewritten({link.url: tracking_url for link, _ in self.judged})
+        except ValueError:  # overlapping edits, or an href that cannot take a new value
+            return False
         expected = [link.url if reason else tracking_url for link, reason in self.judged]
         return [link.url for link in links.find_links(text)] == expected
 
@@ -92,7 +95,7 @@ def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | N
             continue
         found, well_formed = links.scan(decoded.text)
         part = PartPlan(decoded, [(link, links.classify(link, rules)) for link in found])
-        if well_formed or part.keeps_links(sample_url):
+        if well_formed or not part.changes() or part.keeps_links(sample_url):
             parts.append(part)
     return RewritePlan(message, parts, left_alone=len(entities) - len(parts))
 

@@ -617,11 +617,16 @@ class SQLiteStore:
         async with self._lock:
             db = self._connection()
             try:
-                await db.executescript(_roll_up_script(limit or 2**62))
-            except _FAILURES as exc:
+                await db.executescript(_roll_up_script(2**62 if limit is None else limit))
+            except BaseException as exc:
+                # Cancelled too (a report request gone): the ROLLBACK queues behind the script,
+                # so the lock is held until the script has ended, and one that failed half-way
+                # leaves no transaction open under the next writer.
                 with contextlib.suppress(*_FAILURES):
                     await db.execute("ROLLBACK")
-                raise StoreError(str(exc)) from exc
+                if isinstance(exc, _FAILURES):
+                    raise StoreError(str(exc)) from exc
+                raise
 
     async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         if self._db is None:
