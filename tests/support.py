@@ -8,10 +8,13 @@ import os
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from email.message import Message
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from clickrelay import mime
 from clickrelay.config import (
     HostPort,
     Settings,
@@ -39,6 +42,21 @@ def corpus_path() -> Path:
     """The shared real-world corpus: $CLICKRELAY_CORPUS, else ../shared/corpus of the repo."""
     default = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
     return Path(os.environ.get("CLICKRELAY_CORPUS", default))
+
+
+def assert_headers_as_the_email_package_reads_them(raw: bytes) -> None:
+    """Each entity's headers hold what BytesHeaderParser makes of its header block: the same
+    fields, payload, defects (by kind) and everything else a Message keeps."""
+
+    def state(message: Message) -> dict[str, object]:
+        found = dict(vars(message))
+        found["defects"] = [type(defect) for defect in found["defects"]]
+        return found
+
+    for entity in mime.parse(raw).walk():
+        expected = BytesHeaderParser().parsebytes(raw[entity.start : entity.body_start])
+        expected.set_default_type(entity.headers.get_default_type())
+        assert state(entity.headers) == state(expected)
 
 
 @dataclass

@@ -18,7 +18,14 @@ import pytest
 
 from clickrelay import mime
 
-from support import assert_faithful, corpus_path, message, send, start_relay
+from support import (
+    assert_faithful,
+    assert_headers_as_the_email_package_reads_them,
+    corpus_path,
+    message,
+    send,
+    start_relay,
+)
 
 HEADERS = {"X-Campaign-Id": "corpus", "X-Track-Clicks": "yes", "X-Contact-Id": "c1"}
 
@@ -95,6 +102,11 @@ async def test_html_templates(corpus, settings, upstream, name, cte):
         (received,) = upstream.received
         decision = await check_forwarded(relay, settings, raw, received.content)
     assert decision == "tracked"
+
+
+@pytest.mark.parametrize("name", names("eml"))
+def test_eml_headers_read_as_the_email_package_reads_them(corpus, name):
+    assert_headers_as_the_email_package_reads_them((corpus / "eml" / name).read_bytes())
 
 
 @pytest.mark.parametrize("name", names("eml"))

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from clickrelay import mime
 
+from support import assert_headers_as_the_email_package_reads_them
+
 ALTERNATIVE = (
     b"From: a@example.com\r\n"
     b"MIME-Version: 1.0\r\n"
@@ -269,3 +271,27 @@ def test_generated_mime_decodes_like_the_email_package_and_splices_exactly(gener
     new = mime.splice(raw, changed)
     assert normal(html_of(new)) == [h.replace("https://", "https://t.") for h in normal(htmls)]
     assert new.count(b"--b") == raw.count(b"--b")  # every boundary line kept
+
+
+# ------------------------------------------------ headers, as the email package reads them
+
+# Header lines mostly well formed, with what the email package reads otherwise mixed in.
+HEADER_LINE = st.tuples(
+    st.sampled_from(["Content-Type", "X-a", "From", "From ", "Subject ", "", " ", "\t", "\xe9"]),
+    st.sampled_from([":", ": ", " :", ""]),
+    st.lists(st.sampled_from(["text/html", " ", "\t", "caf\xe9", "=?utf-8?q?x?=", ";", ":",
+                              "\r", "\x0b", "\x0c", "\x1c", "\x00", "\x7f"]), max_size=4),
+    st.sampled_from(["\r\n", "\n", "\r"]),
+).map(lambda line: line[0] + line[1] + "".join(line[2]) + line[3])  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(HEADER_LINE, max_size=6), st.sampled_from(["\r\n", "\n", ""]))
+def test_headers_read_as_the_email_package_reads_them(lines, blank):
+    head = "".join(lines).encode("latin-1")
+    raw = head + blank.encode() + b"<p>body</p>\r\n"
+    assert_headers_as_the_email_package_reads_them(raw)
+
+
+def test_headers_of_every_entity_read_as_the_email_package_reads_them():
+    assert_headers_as_the_email_package_reads_them(ALTERNATIVE)
