@@ -390,14 +390,27 @@ _COMMENT_BODY = r"(?:[^-]++|-(?!-\s*>))*+--\s*+>"  # up to the first --\s*>, as 
 _PLAIN_ATTRIBUTES = r'(?:\s++[-a-zA-Z0-9_:.]++="[^"]*+")*+\s*+'
 _ANY_ATTRIBUTES = f"(?:{_PLAIN_ATTRIBUTES}|{_attributes(_ATTRIBUTE_NAME + _value())})"
 
+
+def _ascii_case_insensitive(*words: str) -> str:
+    """Alternatives matching the words, ignoring ASCII case, written with character classes: the
+    regex engine runs through those faster than through a case-insensitive (?ai:...) group."""
+    return "|".join(
+        "".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+        for word in words
+    )
+
+
 # Start tags the scanner must look at: links, raw-text elements, and elements whose strings
 # beautifulsoup4 does not count as text (template, rt, rp; the scanner gives those up).
-_LINK_NAME = r"(?ai:a|area)[\t\n\r\f />]|[vV]:"
-_STOP_NAMES = rf"{_LINK_NAME}|(?ai:script|style|template|rt|rp)[\t\n\r\f />]"
+_LINK_NAME = rf"(?:{_ascii_case_insensitive('a', 'area')})[\t\n\r\f />]|[vV]:"
+_STOP_NAMES = (
+    rf"{_LINK_NAME}"
+    rf"|(?:{_ascii_case_insensitive('script', 'style', 'template', 'rt', 'rp')})[\t\n\r\f />]"
+)
 
 _SKIP = re.compile(
     rf"""
-    (?>
+    (?:
         [^<]++
       | <(?=[a-zA-Z])(?!{_STOP_NAMES}){_NAME}{_ANY_ATTRIBUTES}/?>
       | </[^>]*+>                                  # end tag, "</>" or bogus comment
@@ -488,7 +501,7 @@ def _find_links_fast(html: str) -> list[Link] | None:
         not _SCANNER_MATCHES_STDLIB
         or "\x00" in html
         or "\u212a" in html  # KELVIN SIGN lower-cases to an ASCII "k"; names here match ASCII
-        or ("&#" in html and _BAD_CHARREF.search(html))  # "in" first: it is much the faster
+        or _BAD_CHARREF.search(html)  # faster than testing for "&#" first (str's "in" is slow)
     ):
         return None
     links: list[Link] = []
@@ -656,8 +669,7 @@ def _end_tag(name: str) -> re.Pattern[str] | None:
     """
     if not _END_TAG_NAME.fullmatch(name):
         return None
-    letters = "".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in name)
-    return re.compile(rf"</\s*{letters}\s*>")
+    return re.compile(rf"</\s*{_ascii_case_insensitive(name)}\s*>")
 
 
 def _close(open_elements: list[str], name: str) -> None:
