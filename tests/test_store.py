@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
+import warnings
 
 import pytest
 
@@ -108,3 +110,15 @@ async def test_unopenable_database_is_a_store_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open"):
         await open_store(blocker / "sub" / "db.sqlite3")
+
+
+async def test_close_right_after_open_leaves_no_connection_behind(tmp_path):
+    """A startup that fails just after the store opened (say, a bad TLS key) closes it at once:
+    no connection may be dropped half-opened (its thread would call back into a closed loop)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = await open_store(tmp_path / "s.sqlite3")
+        await asyncio.sleep(0)  # background tasks take their first step
+        await store.close()
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []

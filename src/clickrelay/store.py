@@ -392,6 +392,7 @@ class SQLiteStore:
         self.instance_id = ""
         self._db: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
+        self._checkpoints: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._campaigns: dict[str, tuple[int, str | None, str]] = {}
@@ -405,7 +406,10 @@ class SQLiteStore:
             self._db = await self._connect()
             await self._migrate()
             self._read = await self._connect(read_only=True)
-            self._checkpointer = asyncio.create_task(self._checkpoint_regularly())
+            # Opened here, not in the task: a task cancelled while it connects would leave the
+            # connection's thread calling back into a loop that may be closed by then.
+            self._checkpoints = await self._connect()
+            self._checkpointer = asyncio.create_task(self._checkpoint_regularly(self._checkpoints))
             self.instance_id = await self._scalar("SELECT value FROM meta WHERE key = 'instance'")
         except (sqlite3.Error, OSError, StoreError) as exc:
             await self.close()
@@ -443,19 +447,15 @@ class SQLiteStore:
                 await db.execute(f"PRAGMA user_version = {number}")
                 log.info("storage: migrated %s to schema version %d", self.path, number)
 
-    async def _checkpoint_regularly(self) -> None:
+    async def _checkpoint_regularly(self, db: aiosqlite.Connection) -> None:
         """Copy the WAL into the database file every second, on a connection of its own
         (PASSIVE: it never blocks a writer, and its fsyncs delay no commit)."""
-        db = await self._connect()
-        try:
-            while True:
-                await asyncio.sleep(CHECKPOINT_SECONDS)
-                try:
-                    await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    log.warning("storage: checkpoint failed: %s", exc)
-        finally:
-            await db.close()
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("storage: checkpoint failed: %s", exc)
 
     async def close(self) -> None:
         """Close the connections, after any write transaction under way has finished."""
@@ -465,7 +465,7 @@ class SQLiteStore:
                 await self._checkpointer
             self._checkpointer = None
         async with self._lock:
-            for name in ("_read", "_db"):
+            for name in ("_checkpoints", "_read", "_db"):
                 db = getattr(self, name)
                 if db is not None:
                     setattr(self, name, None)
