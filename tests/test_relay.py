@@ -231,6 +231,23 @@ async def test_long_lines_bare_lf_and_8bit_headers_pass_unchanged(upstream, sett
     )
 
 
+@pytest.mark.parametrize("after", [b"", b"..stuffed\r\n"])
+async def test_a_long_last_line_does_not_hide_the_end_of_data(upstream, settings, after):
+    """The reader takes a line over its buffer limit in two pieces, CR and LF apart: the line
+    after it still starts a line (the lone dot ends DATA, a leading dot is unstuffed)."""
+    original = b"Subject: long\r\n\r\n" + b"x" * 100_000 + b"\r\n" + after
+    async with start_relay(no_trace(settings)) as relay:
+        client = await RawClient.connect(relay.port)
+        await client.cmd("EHLO c")
+        await client.cmd("MAIL FROM:<s@x.test>")
+        await client.cmd("RCPT TO:<r@x.test>")
+        await client.cmd("DATA")
+        final = await client.cmd(original + b".")
+        await client.close()
+    assert final.startswith("250")
+    assert upstream.received[0].content == original.replace(b"..stuffed", b".stuffed")
+
+
 async def test_overlong_command_is_refused_and_the_session_goes_on(upstream, relay):
     client = await RawClient.connect(relay.port)
     await client.cmd("EHLO c")

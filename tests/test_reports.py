@@ -147,6 +147,17 @@ async def test_pages_show_the_rows(web_settings):
     assert "one@example.com" in who and "two@example.com" in who
 
 
+async def test_campaign_ids_with_slashes_link_to_their_page(web_settings):
+    async with start_web(web_settings) as web:
+        await web.send(campaign="2026/spring", name="Spring")
+        listing = await (await web.session.get(web.base + "/reports", headers=basic_auth())).text()
+        (href,) = re.findall(r'href="(/reports/campaigns/[^"]*)"', listing)
+        page = await web.session.get(web.base + href, headers=basic_auth())
+        text = await page.text()
+    assert href == "/reports/campaigns/2026%2Fspring"
+    assert page.status == 200 and "Spring" in text
+
+
 async def test_sorting_and_search(web_settings):
     async with start_web(web_settings) as web:
         await seed(web)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 
+from clickrelay import store as store_module
 from clickrelay.store import MIGRATIONS, NewClick, NewSend, StoreError, open_store
 
 
@@ -122,3 +123,18 @@ async def test_close_right_after_open_leaves_no_connection_behind(tmp_path):
         await store.close()
         gc.collect()
     assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+async def test_a_send_keeps_its_link_ids_when_the_cache_evicts_them(tmp_path, monkeypatch):
+    """A send's new URLs may push its other, cached URLs out of a full link cache."""
+    monkeypatch.setattr(store_module, "LINK_CACHE_SIZE", 3)
+    store = await open_store(tmp_path / "s.sqlite3")
+    fixed = ("https://fixed.example/a", "https://fixed.example/b")
+    try:
+        first = await store.record_send(send(tracked_urls=fixed))
+        for i in range(4):  # each send adds one URL of its own
+            urls = (*fixed, f"https://own.example/{i}")
+            recorded = await store.record_send(send(contact_id=str(i), tracked_urls=urls))
+            assert {url: recorded.link_ids[url] for url in fixed} == first.link_ids
+    finally:
+        await store.close()

@@ -183,16 +183,20 @@ class RelaySMTP(SMTP):
         limit = self.data_size_limit
         too_big = False
         line_start = True  # only a dot after CRLF is special (RFC 5321 4.5.2)
+        after_cr = False  # the previous piece ended in CR: a lone LF now ends a CRLF line
         while True:
             try:
                 piece = await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:  # a very long line: take what is buffered
+            except asyncio.LimitOverrunError as exc:
+                # A very long line: take what is buffered, which stops short of the LF (so a
+                # CRLF can come in two pieces).
                 piece = await self._reader.read(exc.consumed)
             if line_start and piece == b".\r\n":
                 return None if too_big else bytes(data)
             if line_start and piece[:1] == b".":
                 piece = piece[1:]
-            line_start = piece.endswith(b"\r\n")
+            line_start = piece.endswith(b"\r\n") or (after_cr and piece == b"\n")
+            after_cr = piece.endswith(b"\r")
             if not too_big:
                 data += piece
                 too_big = bool(limit) and len(data) > limit

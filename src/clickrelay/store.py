@@ -503,7 +503,7 @@ class SQLiteStore:
         try:
             async with self._transaction() as db:
                 campaign_id = await self._campaign(db, send)
-                new_links = await self._link_ids(db, campaign_id, send.tracked_urls)
+                link_ids = await self._link_ids(db, campaign_id, send.tracked_urls)
                 cursor = await db.execute(
                     "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
                     " sent_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -520,9 +520,8 @@ class SQLiteStore:
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
         self._campaigns[send.campaign_key] = (campaign_id, send.campaign_name, send.campaign_type)
-        for url, link_id in new_links.items():
+        for url, link_id in link_ids.items():  # committed: now they may be cached
             self._remember_link(campaign_id, url, link_id)
-        link_ids = {url: self._links[(campaign_id, url)] for url in send.tracked_urls}
         assert send_id is not None
         return RecordedSend(send_id, send.sent_at, link_ids)
 
@@ -545,28 +544,35 @@ class SQLiteStore:
     async def _link_ids(
         self, db: aiosqlite.Connection, campaign_id: int, urls: Sequence[str]
     ) -> dict[str, int]:
-        """Ids for the URLs not in the cache, creating rows as needed (committed by the caller)."""
-        missing = [url for url in dict.fromkeys(urls) if (campaign_id, url) not in self._links]
-        if not missing:
-            for url in urls:
+        """The id of each URL: from the cache, else from the links table, creating rows as needed
+        (committed by the caller). The cached ones are read at once: other sends may evict them
+        from the cache while this one waits for the database."""
+        ids: dict[str, int] = {}
+        missing = []
+        for url in dict.fromkeys(urls):
+            link_id = self._links.get((campaign_id, url))
+            if link_id is None:
+                missing.append(url)
+            else:
+                ids[url] = link_id
                 self._links.move_to_end((campaign_id, url))
-            return {}
+        if not missing:
+            return ids
         await db.executemany(
             "INSERT INTO links (campaign_id, url) VALUES (?, ?) ON CONFLICT DO NOTHING",
             [(campaign_id, url) for url in missing],
         )
-        found: dict[str, int] = {}
         for chunk in _chunks(missing, 500):
             marks = ",".join("?" * len(chunk))
             async with db.execute(
                 f"SELECT url, id FROM links WHERE campaign_id = ? AND url IN ({marks})",  # noqa: S608
                 (campaign_id, *chunk),
             ) as cursor:
-                found.update({row["url"]: row["id"] for row in await cursor.fetchall()})
-        return found
+                ids.update({row["url"]: row["id"] for row in await cursor.fetchall()})
+        return ids
 
     def _remember_link(self, campaign_id: int, url: str, link_id: int) -> None:
-        self._links[(campaign_id, url)] = link_id
+        self._links[(campaign_id, url)] = link_id  # a cached one keeps its place
         if len(self._links) > LINK_CACHE_SIZE:
             self._links.popitem(last=False)
 
