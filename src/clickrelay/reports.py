@@ -343,6 +343,7 @@ class Reports:
         self.templates.filters["iso"] = iso
         self.templates.filters["segment"] = lambda value: quote(str(value), safe="")
         self.templates.filters["percent"] = lambda value: f"{value * 100:.1f}%"
+        self._css = self.templates.loader.get_source(self.templates, "reports.css")[0]
 
     def routes(self) -> list[web.RouteDef]:
         """Every report route, each behind auth (`guarded`)."""
@@ -390,11 +391,14 @@ class Reports:
         links = [link_json(link, report) for link in report.links]
         return sorted(links, key=LINK_SORTS[sort], reverse=descending), sort, descending
 
-    async def _contacts(self, request: web.Request, limit: int) -> ContactPage:
-        await self.store.roll_up()
+    async def _contacts(self, request: web.Request, limit: int, after: str | None) -> ContactPage:
+        """A page of the link's contacts. The first brings the counters up to date; the pages
+        after it go on from there."""
+        if after is None:
+            await self.store.roll_up()
         page = await self.store.link_contacts(
             request.match_info["campaign_id"], int(request.match_info["link_id"]),
-            after=request.query.get("after"), limit=limit,
+            after=after, limit=limit,
         )  # fmt: skip
         if page is None:
             raise web.HTTPNotFound(text="No such link in this campaign.\n")
@@ -424,15 +428,14 @@ class Reports:
         )  # fmt: skip
 
     async def link_page(self, request: web.Request) -> web.Response:
-        page = await self._contacts(request, PAGE_SIZE)
+        page = await self._contacts(request, PAGE_SIZE, request.query.get("after"))
         return self._render(
             "link.html", page=page, campaign_id=request.match_info["campaign_id"],
             first_page=not request.query.get("after"),
         )  # fmt: skip
 
     async def stylesheet(self, request: web.Request) -> web.Response:
-        css = self.templates.loader.get_source(self.templates, "reports.css")[0]
-        return web.Response(text=css, content_type="text/css")
+        return web.Response(text=self._css, content_type="text/css")
 
     # ------------------------------------------------------------ JSON
 
@@ -445,7 +448,8 @@ class Reports:
 
     async def contacts_api(self, request: web.Request) -> web.Response:
         limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
-        return web.json_response(contacts_json(await self._contacts(request, limit)))
+        page = await self._contacts(request, limit, request.query.get("after"))
+        return web.json_response(contacts_json(page))
 
     # ------------------------------------------------------------ CSV
 
@@ -469,16 +473,10 @@ class Reports:
         return csv_response(name, ["url", "reason", "count"], rows)
 
     async def contacts_csv(self, request: web.Request) -> web.Response:
-        await self.store.roll_up()
         rows: list[list[Any]] = []
         after = None
         while True:  # every contact, one indexed page at a time
-            page = await self.store.link_contacts(
-                request.match_info["campaign_id"], int(request.match_info["link_id"]),
-                after=after, limit=API_PAGE_SIZE,
-            )  # fmt: skip
-            if page is None:
-                raise web.HTTPNotFound(text="No such link in this campaign.\n")
+            page = await self._contacts(request, API_PAGE_SIZE, after)
             rows += [[c.contact_id, c.email, c.clicks, iso(c.first_click), iso(c.last_click)]
                      for c in page.contacts]  # fmt: skip
             if page.next_cursor is None:

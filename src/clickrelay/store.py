@@ -61,7 +61,6 @@ class RecordedSend:
 @dataclass(frozen=True)
 class LinkTarget:
     link_id: int
-    campaign_id: int
     url: str
 
 
@@ -593,8 +592,8 @@ class SQLiteStore:
     # ------------------------------------------------------------ the web service
 
     async def get_link(self, link_id: int) -> LinkTarget | None:
-        rows = await self._query("SELECT id, campaign_id, url FROM links WHERE id = ?", (link_id,))
-        return LinkTarget(rows[0]["id"], rows[0]["campaign_id"], rows[0]["url"]) if rows else None
+        rows = await self._query("SELECT id, url FROM links WHERE id = ?", (link_id,))
+        return LinkTarget(rows[0]["id"], rows[0]["url"]) if rows else None
 
     async def add_clicks(
         self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
