@@ -84,10 +84,14 @@ class ScriptedUpstream:
     """A real aiosmtpd server on 127.0.0.1 that records what it accepted and obeys a `Script`."""
 
     def __init__(
-        self, tls=None, starttls=None, require_auth: tuple[str, str] | None = None
-    ) -> None:
+        self, tls=None, starttls=None, require_auth: tuple[str, str] | None = None,
+        smtputf8: bool = True, eightbitmime: bool = True,
+    ) -> None:  # fmt: skip
         self.script = Script()
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (aiosmtpd then refuses the parameter: 501)
+        self.eightbitmime = eightbitmime  # offer 8BITMIME (else aiosmtpd refuses BODY: 555)
         self.received: list[Received] = []
+        self.mail_options: list[list[str]] = []  # the parameters of each MAIL it accepted
         self.connections = 0
         self.data_started = asyncio.Event()
         self._tls = tls
@@ -113,7 +117,8 @@ class ScriptedUpstream:
             smtp = LenientSMTP(
                 self,
                 hostname="upstream.test",
-                enable_SMTPUTF8=True,
+                enable_SMTPUTF8=self.smtputf8,
+                decode_data=not self.eightbitmime,
                 tls_context=self._starttls,
                 **kwargs,
             )
@@ -147,6 +152,7 @@ class ScriptedUpstream:
     async def handle_MAIL(self, server, session, envelope: Envelope, address, options) -> str:
         if self.script.mail:
             return self.script.mail
+        self.mail_options.append(list(options))
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender ok"
@@ -206,14 +212,16 @@ class RunningRelay:
 @contextlib.asynccontextmanager
 async def start_relay(settings: Settings, tls=None) -> AsyncIterator[RunningRelay]:
     store = await open_store(settings.storage.database)
-    signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
-    upstream = create_upstream(settings.upstream, "relay.test")
-    server = RelayServer(settings, upstream, MessagePipeline(settings, store, signer), tls)
-    await server.start()
     try:
-        yield RunningRelay(server, store, signer)
+        signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
+        upstream = create_upstream(settings.upstream, "relay.test")
+        server = RelayServer(settings, upstream, MessagePipeline(settings, store, signer), tls)
+        await server.start()
+        try:
+            yield RunningRelay(server, store, signer)
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
         await store.close()
 
 
@@ -224,8 +232,12 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection(LOOPBACK, port, limit=2**20)
+    async def connect(cls, port: int, source: str | None = None) -> RawClient:
+        """Connected and greeted; `source`: the local address to connect from (127.0.0.2...)."""
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, port, limit=2**20, local_addr=local
+        )
         client = cls(reader, writer)
         await client.reply()  # greeting
         return client
@@ -246,10 +258,20 @@ class RawClient:
     async def send(
         self, mail_from: str, rcpts: list[str], message: bytes, timeout: float = 10
     ) -> list[str]:
-        """A whole transaction; returns every reply from MAIL to the end of DATA."""
+        """EHLO and a whole transaction; returns every reply from EHLO to the end of DATA."""
         replies = [await self.cmd("EHLO client.test")]
-        replies.append(await self.cmd(f"MAIL FROM:<{mail_from}>"))
-        replies += [await self.cmd(f"RCPT TO:<{r}>") for r in rcpts]
+        rcpt_args = [f"<{r}>" for r in rcpts]
+        return replies + await self.transaction(f"<{mail_from}>", rcpt_args, message, timeout)
+
+    async def transaction(
+        self, mail: str, rcpts: list[str], message: bytes | None, timeout: float = 10
+    ) -> list[str]:
+        """MAIL FROM:`mail`, RCPT TO: each of `rcpts` (written as given, parameters too), and
+        DATA unless `message` is None: every reply from MAIL on."""
+        replies = [await self.cmd(f"MAIL FROM:{mail}".encode())]
+        replies += [await self.cmd(f"RCPT TO:{r}".encode()) for r in rcpts]
+        if message is None:
+            return replies
         data = await self.cmd("DATA")
         replies.append(data)
         if data.startswith("354"):
@@ -288,6 +310,22 @@ async def send(port: int, message_bytes: bytes, rcpts=("rcpt@example.com",), sen
         return await client.send(sender, list(rcpts), message_bytes)
     finally:
         await client.close()
+
+
+def growth(func, small, large) -> float:
+    """How many times longer `func(large)` takes than `func(small)`: each the best of three runs
+    (the others are noise from a busy machine). Linear work on 8x the input: about 8."""
+    import time
+
+    def best(argument) -> float:
+        fastest = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            func(argument)
+            fastest = min(fastest, time.perf_counter() - started)
+        return fastest
+
+    return best(large) / max(best(small), 1e-4)
 
 
 def free_port() -> int:

@@ -59,7 +59,11 @@ def wrap(html: bytes, cte: str) -> bytes:
 
 
 def strip_control(raw: bytes) -> bytes:
-    return re.sub(rb"(?im)^x-(campaign|contact|track|test)-[a-z]+:.*\r\n", b"", raw)
+    """What the relay forwards of a message it leaves alone: no control headers, and no NUL
+    characters (removed at the door: see relay.canonical)."""
+    return re.sub(rb"(?im)^x-(campaign|contact|track|test)-[a-z]+:.*\r\n", b"", raw).replace(
+        b"\0", b""
+    )
 
 
 def html_texts(raw: bytes) -> list[str | None]:

@@ -834,8 +834,9 @@ MIME_TREES = st.recursive(st.one_of(html_leaves(), other_leaves()), multiparts, 
 
 
 def normalized(raw: bytes) -> bytes:
-    """What any SMTP hop makes of line ends: CRLF everywhere (bare CR or LF too)."""
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+    """What the relay makes of what it reads (relay.canonical): CRLF everywhere (bare CR or LF
+    too), no NUL characters."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", raw.replace(b"\0", b""))
 
 
 def outside(raw: bytes, entities: list[mime.Entity]) -> list[bytes]:
@@ -935,7 +936,7 @@ BARE_LF_LONG_LINE = (  # re-encoded as quoted-printable; the message then ends i
     + b"x" * 1000
     + b"</p>"
 )
-BROKEN_QUOTES_LEAF = (  # the first tag turns into a link if the second href is rewritten
+BROKEN_QUOTES_LEAF = (  # html.parser read the first tag as a link once the second was rewritten
     b'Content-Type: text/html\r\n\r\n<a href="https://example.com/u<p>xxx</p><a href="'
     b'https://example.com/u<a href="https://example.com/u\r\n</body></html>\r\n'
 )

@@ -3,7 +3,9 @@
 Every hit is stored; the verdict decides only whether it counts in the human figures. Reasons:
 `head` (a HEAD request), `user_agent` (a known scanner, previewer or library, or one of
 `[bots] user_agent_patterns`), `too_soon` (within `min_seconds_after_send` of the send), `burst`
-(`burst_links` distinct links of one send within `burst_seconds`: scanners open every link).
+(`burst_links` distinct links of one send within `burst_seconds`: scanners open every link),
+`repeat` (more than `max_clicks_per_minute` hits on one tracking link of one send within a
+sliding minute: a replayed link; people do not click one link ten times a minute).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _GENERIC = r"bot[/;]|\bbot\b"
 _KNOWN = re.compile("|".join([*(re.escape(agent) for agent in KNOWN_AGENTS), _GENERIC]))
 BURST_MEMORY = 100_000  # sends whose recent clicks are remembered for the burst rule
 AGENT_MEMORY = 10_000  # user agents whose verdict is remembered (they repeat a lot)
+REPEAT_MEMORY = 50_000  # tracking links (of one send) whose clicks of the last minute are kept
+REPEAT_WINDOW = 60.0
 
 
 def agent_verdict(user_agent: str | None, extra: tuple[re.Pattern[str], ...]) -> bool:
@@ -59,18 +63,22 @@ class BotJudge:
         self.settings = settings
         self._agents: dict[str, bool] = {}
         self._recent: OrderedDict[int, dict[int, float]] = OrderedDict()
+        self._repeats = RepeatCounter(settings.max_clicks_per_minute)
 
     def judge(
         self, *, method: str, user_agent: str | None, send_id: int, link_id: int, now: float,
         seconds_since_send: float,
     ) -> Verdict:  # fmt: skip
         burst_since = self._remember(send_id, link_id, now)
+        repeated = self._repeats.hit((send_id, link_id), now)
         if method == "HEAD":
             return Verdict("head")
         if self._is_machine(user_agent):
             return Verdict("user_agent")
         if burst_since is not None:
             return Verdict("burst", burst_since)
+        if repeated:
+            return Verdict("repeat")
         too_soon = self.settings.min_seconds_after_send
         if too_soon and seconds_since_send < too_soon:
             return Verdict("too_soon")
@@ -104,3 +112,38 @@ class BotJudge:
         if len(self._recent) > BURST_MEMORY:
             self._recent.popitem(last=False)
         return min(recent.values()) if len(recent) >= links else None
+
+
+class RepeatCounter:
+    """Hits per key (a send's tracking link) within a sliding minute, in bounded memory.
+
+    Per key, the times of its last `limit` hits; the hit that finds all of them within the
+    window is one too many. Keys are kept in last-hit order, so those quiet for a whole window
+    are dropped from the old end as new hits come; at most REPEAT_MEMORY keys are kept.
+    """
+
+    def __init__(self, limit: int, window: float = REPEAT_WINDOW, size: int = REPEAT_MEMORY):
+        self.limit = limit
+        self.window = window
+        self.size = size
+        self._hits: OrderedDict[tuple[int, int], list[float]] = OrderedDict()
+
+    def hit(self, key: tuple[int, int], now: float) -> bool:
+        """Record a hit; True if `limit` hits on `key` came before it within the window."""
+        if not self.limit:
+            return False
+        since = now - self.window
+        times = [t for t in self._hits.pop(key, ()) if t > since]
+        over = len(times) >= self.limit
+        times.append(now)
+        self._hits[key] = times[-self.limit :]
+        self._forget(since)
+        return over
+
+    def _forget(self, since: float) -> None:
+        """Drop keys whose last hit is out of the window (oldest first), and beyond `size`."""
+        while self._hits:
+            key, times = next(iter(self._hits.items()))
+            if times[-1] > since and len(self._hits) <= self.size:
+                return
+            del self._hits[key]

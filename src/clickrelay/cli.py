@@ -29,17 +29,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _parser() -> argparse.ArgumentParser:
+def _log_level_option(default: str) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level",
-        default="info",
+        default=default,
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (default: info)",
     )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="clickrelay", description="Click-tracking SMTP relay.", parents=[common]
-    )
+        prog="clickrelay", description="Click-tracking SMTP relay.",
+        parents=[_log_level_option("info")],
+    )  # fmt: skip
+    # After the command, --log-level has no default of its own: a subparser's defaults
+    # overwrite the namespace, so `clickrelay --log-level debug run` would lose the debug.
+    common = _log_level_option(argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"clickrelay {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 

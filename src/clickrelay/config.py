@@ -235,6 +235,9 @@ class SmtpSettings:
     hostname: str = _field(_str, "")  # empty: the machine's FQDN
     received_header: bool = _field(_bool, True)
     shutdown_timeout_seconds: float = _field(_positive_number, 30.0)
+    max_connections: int = _field(_int_range(0), 1000)  # 0: no limit
+    max_connections_per_client: int = _field(_int_range(0), 100)
+    idle_timeout_seconds: float = _field(_positive_number, 300.0)
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,9 @@ class WebSettings:
     trusted_proxies: tuple[IPNetwork, ...] = _field(_networks, ())
     tls_cert: Path | None = _field(_path, None)
     tls_key: Path | None = _field(_path, None)
+    max_connections: int = _field(_int_range(0), 4096)  # 0: as many as file descriptors allow
+    max_connections_per_client: int = _field(_int_range(0), 256)  # 0: no per-client cap
+    idle_timeout_seconds: float = _field(_positive_number, 15.0)
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,7 @@ class BotSettings:
     min_seconds_after_send: int = _field(_int_range(0), 5)
     burst_links: int = _field(_int_range(0), 4)
     burst_seconds: float = _field(_positive_number, 2.0)
+    max_clicks_per_minute: int = _field(_int_range(0), 10)
     user_agent_patterns: tuple[re.Pattern[str], ...] = _field(_regex_list, ())
 
 

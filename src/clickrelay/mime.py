@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
 
+from clickrelay import edits
 from clickrelay.headers import HeaderBlock, parse_header_block
 
 MAX_DEPTH = 20  # deeper nesting than this is left unparsed (treated as an opaque leaf)
+MAX_PARTS = 1000  # entities read in one message; the parts past them are left unparsed
 MAX_LINE = 998  # RFC 5322: octets per line, without CRLF, for 7bit/8bit
-_SIGNED_OR_ENCRYPTED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
-                        "application/x-pkcs7-mime"}  # fmt: skip
+SIGNED_OR_ENCRYPTED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
+                       "application/x-pkcs7-mime"}  # fmt: skip
 _IDENTITY = {"", "7bit", "8bit", "binary"}
 _ROUND_TRIP_CODECS = {"utf-8", "ascii", "iso8859-1"}  # codecs.lookup(...).name of each
 _BIT_VARIANTS = re.compile(r"[78]-?bits?")
@@ -62,25 +64,52 @@ class Entity:
             yield from child.walk()
 
 
-def parse(raw: bytes) -> Entity:
-    """The entity tree of a whole message (message/rfc822 attachments are not descended into)."""
-    return _entity(raw, 0, len(raw), default_type="text/plain", depth=0)
+def parse(raw: bytes, messages: bool = False) -> Entity:
+    """The entity tree of a whole message; with `messages`, attached messages (message/rfc822)
+    are read too, each as one child entity.
+
+    At most MAX_PARTS entities and MAX_DEPTH levels are read; an entity whose header block is
+    larger than the header limit is an opaque leaf (application/octet-stream).
+    """
+    return _Parser(raw, messages).entity(0, len(raw), "text/plain", depth=0)
 
 
-def _entity(raw: bytes, start: int, end: int, default_type: str, depth: int) -> Entity:
-    block = parse_header_block(raw, start, end)
-    headers = _headers(raw, start, block)
-    headers.set_default_type(default_type)
-    entity = Entity(start, block.body_start, end, headers)
-    multipart = entity.content_type.partition("/")[0] == "multipart"  # get_content_maintype()
-    boundary = headers.get_boundary() if multipart else None
-    if boundary and depth < MAX_DEPTH:
+class _Parser:
+    def __init__(self, raw: bytes, messages: bool) -> None:
+        self.raw = raw
+        self.messages = messages
+        self.budget = MAX_PARTS
+
+    def entity(self, start: int, end: int, default_type: str, depth: int) -> Entity:
+        raw = self.raw
+        self.budget -= 1
+        block = parse_header_block(raw, start, end)
+        if not block.complete:
+            headers = Message()
+            headers.set_default_type("application/octet-stream")
+            return Entity(start, start, end, headers)
+        headers = _headers(raw, start, block)
+        headers.set_default_type(default_type)
+        entity = Entity(start, block.body_start, end, headers)
+        if depth >= MAX_DEPTH or self.budget <= 0:
+            return entity
+        if self.messages and entity.content_type == "message/rfc822":
+            entity.children = [self.entity(block.body_start, end, "text/plain", depth + 1)]
+        elif entity.content_type.partition("/")[0] == "multipart":  # get_content_maintype()
+            entity.children = self._parts(entity, depth)
+        return entity
+
+    def _parts(self, entity: Entity, depth: int) -> list[Entity]:
+        boundary = entity.headers.get_boundary()
+        if not boundary:
+            return []
         child_type = "message/rfc822" if entity.content_type == "multipart/digest" else "text/plain"
-        entity.children = [
-            _entity(raw, s, e, child_type, depth + 1)
-            for s, e in _part_ranges(raw, block.body_start, end, boundary)
-        ]
-    return entity
+        children = []
+        for start, end in _part_ranges(self.raw, entity.body_start, entity.end, boundary):
+            if self.budget <= 0:
+                break
+            children.append(self.entity(start, end, child_type, depth + 1))
+        return children
 
 
 # A header block the email package's feed parser reads field by field as parse_header_block
@@ -140,7 +169,7 @@ def _before_line_break(raw: bytes, pos: int, floor: int) -> int:
 
 
 def is_signed_or_encrypted(root: Entity) -> bool:
-    return any(e.content_type in _SIGNED_OR_ENCRYPTED for e in root.walk())
+    return any(e.content_type in SIGNED_OR_ENCRYPTED for e in root.walk())
 
 
 def html_body_parts(root: Entity) -> list[Entity]:
@@ -251,12 +280,12 @@ def encode(part: DecodedPart, text: str, edits: Sequence[Edit] = ()) -> Replacem
         textual = _ascii_line_breaks(part.charset)
         body = _requoted(part, text, data, edits) if edits and textual else None
         return Replacement(
-            part.entity, _quoted_printable(data, textual) if body is None else body, None
+            part.entity, quoted_printable(data, textual) if body is None else body, None
         )
     if part.encoding != "binary" and _longest_line(data) > MAX_LINE:
         header = b"Content-Transfer-Encoding: quoted-printable" + part.eol
         textual = _ascii_line_breaks(part.charset)
-        return Replacement(part.entity, _quoted_printable(data, textual), header)
+        return Replacement(part.entity, quoted_printable(data, textual), header)
     return Replacement(part.entity, data, None)
 
 
@@ -266,7 +295,8 @@ def _ascii_line_breaks(charset: str) -> bool:
     return "\r\n".encode(charset) == b"\r\n"
 
 
-def _quoted_printable(data: bytes, textual: bool) -> bytes:
+def quoted_printable(data: bytes, textual: bool) -> bytes:
+    """`data` quoted-printable; `textual`: its line breaks are the bytes CRLF (or LF), kept."""
     if textual:
         return binascii.b2a_qp(data, istext=True)
     # Every byte quoted, but a final CRLF (the body's own last line break, which the decoded
@@ -344,25 +374,18 @@ def splice(
 ) -> bytes:
     """`raw` with each replaced entity's body (and, where given, its transfer-encoding field),
     and without the byte ranges in `removals` (the control header fields)."""
-    edits: list[tuple[int, int, bytes]] = [(start, end, b"") for start, end in removals]
+    changes: list[tuple[int, int, bytes]] = [(start, end, b"") for start, end in removals]
     for rep in replacements:
         if rep.encoding_header is not None:
-            edits.append(_encoding_header_edit(raw, rep.entity, rep.encoding_header))
-        edits.append((rep.entity.body_start, rep.entity.end, rep.body))
-    if not edits:
-        return raw
-    edits.sort(key=lambda edit: edit[0])
-    view = memoryview(raw)  # slices of a view copy nothing; the join makes the one copy
-    pieces: list[memoryview | bytes] = []
-    pos = 0
-    for start, end, data in edits:
-        pieces += [view[pos:start], data]
-        pos = end
-    pieces.append(view[pos:])
-    return b"".join(pieces)
+            changes.append(encoding_header_edit(raw, rep.entity, rep.encoding_header))
+        changes.append((rep.entity.body_start, rep.entity.end, rep.body))
+    changes.sort(key=lambda change: change[0])
+    return edits.apply(raw, changes)
 
 
-def _encoding_header_edit(raw: bytes, entity: Entity, header: bytes) -> tuple[int, int, bytes]:
+def encoding_header_edit(raw: bytes, entity: Entity, header: bytes) -> tuple[int, int, bytes]:
+    """The edit that makes `header` (a whole field, line end included) the entity's
+    Content-Transfer-Encoding: in place of the existing field, or after the last one."""
     block = parse_header_block(raw, entity.start, entity.body_start)
     existing = block.first("content-transfer-encoding")
     if existing is not None:

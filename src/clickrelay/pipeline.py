@@ -8,19 +8,18 @@ the relay only ever sees a message to forward.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from aiosmtpd.smtp import Envelope
 
-from clickrelay import mime, rewrite
+from clickrelay import cpu, mime, rewrite
 from clickrelay.config import Settings
 from clickrelay.headers import (
+    HEADER_LIMIT,
     ControlHeaders,
     HeaderBlock,
+    clean,
     control_field_names,
     field_spans,
     field_value,
@@ -33,9 +32,7 @@ from clickrelay.tokens import Signer
 from clickrelay.upstream import Reply
 
 log = logging.getLogger(__name__)
-
-THREAD_THRESHOLD = 256 * 1024  # rewrite bigger messages in a worker thread, off the event loop
-T = TypeVar("T")
+TOO_MANY_HEADERS = f"552 5.3.4 Message header section exceeds {HEADER_LIMIT} bytes"
 
 
 @dataclass
@@ -47,6 +44,7 @@ class Prepared:
     send_id: int | None = None
     tracked: int = 0
     skipped: int = 0
+    refusal: str | None = None  # the reply refusing the message, instead of forwarding it
 
     def log_fields(self) -> str:
         return (
@@ -73,6 +71,9 @@ class MessagePipeline:
 
     async def prepare(self, message: bytes, envelope: Envelope) -> Prepared:
         block = parse_header_block(message)
+        if not block.complete:  # control headers could hide past what is read: refuse it all
+            return Prepared(message=b"", message_id="-", control=ControlHeaders(),
+                            decision="not_campaign", refusal=TOO_MANY_HEADERS)  # fmt: skip
         control = read_control_headers(message, block, self.settings.headers)
         if control.contact_id is None and len(envelope.rcpt_tos) == 1:
             control = replace(control, contact_id=envelope.rcpt_tos[0])
@@ -81,7 +82,7 @@ class MessagePipeline:
         message_id = block.first("message-id")
         prepared = Prepared(
             message=message,
-            message_id=field_value(message, message_id) if message_id else "-",
+            message_id=clean(field_value(message, message_id, decode=False)) if message_id else "-",
             control=control,
             decision="not_campaign",
         )
@@ -111,7 +112,7 @@ class MessagePipeline:
         try:
             prepared.decision = self._header_reason(control) or "tracked"
             if prepared.decision == "tracked":
-                root = await self._cpu(len(message), mime.parse, message)
+                root = await cpu.run(len(message), mime.parse, message)
                 prepared.decision = self._content_reason(block, root) or "tracked"
             if prepared.decision == "tracked":
                 rewritten = await self._rewrite(prepared, message, block, root, control_spans)
@@ -155,14 +156,14 @@ class MessagePipeline:
         if unsubscribe is not None:
             urls = rewrite.list_unsubscribe_urls(field_value(original, unsubscribe))
             rules = replace(rules, unsubscribe_urls=urls)
-        plan = await self._cpu(len(original), rewrite.plan, original, root, rules)
+        plan = await cpu.run(len(original), rewrite.plan, original, root, rules)
         if plan is None:
             prepared.decision = "no_html"
             return None
         if plan.left_alone:
             log.warning(
-                "%s: %d HTML part(s) left as they are (not decodable exactly, or too broken to "
-                "rewrite safely)", prepared.message_id, plan.left_alone,
+                "%s: %d HTML part(s) left as they are (not decodable exactly)",
+                prepared.message_id, plan.left_alone,
             )  # fmt: skip
             if not plan.parts:
                 prepared.decision = "error"
@@ -177,7 +178,7 @@ class MessagePipeline:
             for url, link_id in recorded.link_ids.items()
         }
         try:
-            return await self._cpu(len(original), plan.apply, tracking, control_spans)
+            return await cpu.run(len(original), plan.apply, tracking, control_spans)
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
@@ -215,9 +216,3 @@ class MessagePipeline:
             await self.store.set_send_outcome(prepared.send_id, outcome)
         except StoreError as exc:
             log.error("storage failed, outcome of send %d not recorded: %s", prepared.send_id, exc)
-
-    async def _cpu(self, size: int, func: Callable[..., T], *args) -> T:
-        """Run CPU-heavy work inline for ordinary messages, in a thread for big ones."""
-        if size > THREAD_THRESHOLD:
-            return await asyncio.to_thread(func, *args)
-        return func(*args)

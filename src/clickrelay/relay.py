@@ -4,6 +4,11 @@ Semantics follow Postfix's before-queue proxy (SMTPD_PROXY_README): the upstream
 when the client sends MAIL, each RCPT gets the upstream's answer, and the reply to DATA is sent only
 after the upstream has answered the message. There is no queue, so nothing is acknowledged that the
 upstream has not acknowledged. What happens to the content in between is the pipeline's business.
+
+What this module reads itself rather than through aiosmtpd: MAIL and RCPT (their parameters are
+`esmtp`'s), DATA (lines of any length, one buffer), AUTH (only where offered, throttled, checked
+in the password pool), and which extensions EHLO lists (DSN when the upstream offers it, AUTH only
+with a mechanism to offer).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import ipaddress
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -24,9 +31,26 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 from clickrelay import passwords
 from clickrelay.config import Settings
+from clickrelay.esmtp import MailCommand, ParameterError, RcptCommand, parse_mail, parse_rcpt
+from clickrelay.limits import AuthThrottle, ConnectionLimits
 from clickrelay.upstream import Reply, Transaction, Upstream
 
 log = logging.getLogger(__name__)
+
+# Lines a client sent, which may hold credentials (an AUTH blob sent after a refusal reads as an
+# unknown command): aiosmtpd logs them in these records; they are dropped.
+_CLIENT_LINE_RECORDS = frozenset({
+    "_handle_client readline: %r", "%r >> %r", "%r unrecognised: %s",
+    "%r can't decode base64: %s", "DATA readline: %s", "%r << challenge: %r",
+})  # fmt: skip
+
+
+class _NoClientLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in _CLIENT_LINE_RECORDS
+
+
+logging.getLogger("mail.log").addFilter(_NoClientLines())
 
 
 class Pipeline(Protocol):
@@ -40,6 +64,7 @@ class Pipeline(Protocol):
 
 class Prepared(Protocol):
     message: bytes
+    refusal: str | None  # a reply refusing the message instead of forwarding it
 
     def log_fields(self) -> str: ...
 
@@ -54,12 +79,18 @@ class RelayServer:
         pipeline: Pipeline,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        smtp = settings.smtp
         self.settings = settings
         self.upstream = upstream
         self.pipeline = pipeline
-        self.hostname = settings.smtp.hostname or socket.getfqdn()
+        self.hostname = smtp.hostname or socket.getfqdn()
         self.handler = RelayHandler(self)
         self.connections: set[RelaySMTP] = set()
+        # Like Postfix's mynetworks, the clients allowed to relay skip the per-client cap.
+        self.limits = ConnectionLimits(
+            smtp.max_connections, smtp.max_connections_per_client, smtp.allowed_clients, "smtp"
+        )
+        self.auth_throttle = AuthThrottle()
         self.closing = False
         self._server: asyncio.Server | None = None
         self._tls = tls
@@ -73,7 +104,8 @@ class RelayServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        if self._server is None:
+            raise RuntimeError("the relay is not listening")
         return self._server.sockets[0].getsockname()[1]
 
     def _new_connection(self) -> RelaySMTP:
@@ -88,6 +120,7 @@ class RelayServer:
             tls_context=self._tls,
             auth_require_tls=True,
             auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
+            timeout=smtp.idle_timeout_seconds,
         )
 
     async def stop(self) -> None:
@@ -109,30 +142,53 @@ class RelayServer:
         await self.upstream.close()
 
 
+TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
+UNDECLARED_UNICODE = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"  # as Postfix
+
+
 class RelaySMTP(SMTP):
     """One client connection. Holds the open upstream transaction, if any."""
 
     # The stream limit: what a command line may buffer. DATA reads past it (see smtp_DATA).
     line_length_limit = 64 * 1024
+    command_size_limit = 2048  # MAIL and RCPT with DSN parameters need more than 512
 
     def __init__(self, relay: RelayServer, handler: RelayHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        # aiosmtpd's EHLO raises the MAIL limit in this dict (a class attribute): keep it ours.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         self.relay = relay
         self.transaction: Transaction | None = None
+        self.dsn_offered = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self._admitted: str | None = None  # the peer address counted in relay.limits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        super().connection_made(transport)
-        if first:
+        if self.transport is None:  # not the second call, after STARTTLS
+            peer = _peer_address(transport.get_extra_info("peername"))
+            if not self.relay.limits.admit(peer):
+                transport.write(TOO_MANY)  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._admitted = peer or ""
             self.relay.connections.add(self)
+        super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted is None:  # refused at once: aiosmtpd never started
+            return
+        self.relay.limits.release(self._admitted or None)
+        self._admitted = None
         self.relay.connections.discard(self)
         if self.transaction is not None:
             asyncio.get_running_loop().create_task(self.end_transaction(aborted=True))
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._admitted is None:
+            return False
+        return super().eof_received()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -149,6 +205,45 @@ class RelaySMTP(SMTP):
                 await transaction.finish(aborted=aborted)
         finally:
             self.idle.set()
+
+    # MAIL and RCPT: aiosmtpd's upper-case every parameter and refuse DSN's; these parse the
+    # command themselves and hand it to the handler.
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not (await self.check_helo_needed() or await self.check_auth_needed("MAIL")):
+            await self.push(await self._mail(arg))
+
+    async def _mail(self, arg: str | None) -> str:
+        assert self.session is not None
+        if self.transaction is not None:
+            return "503 5.5.1 Error: nested MAIL command"
+        try:
+            mail = parse_mail(arg, self.dsn_offered, self.session.extended_smtp)
+        except ParameterError as error:
+            return error.reply
+        if self.data_size_limit and (mail.size or 0) > self.data_size_limit:
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+        if not (mail.address.isascii() or mail.smtputf8):
+            return UNDECLARED_UNICODE
+        return await self.relay.handler.mail(self, mail)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not (await self.check_helo_needed() or await self.check_auth_needed("RCPT")):
+            await self.push(await self._rcpt(arg))
+
+    async def _rcpt(self, arg: str | None) -> str:
+        assert self.session is not None and self.envelope is not None
+        if self.transaction is None:
+            return "503 5.5.1 Error: need MAIL command"
+        try:
+            rcpt = parse_rcpt(arg, self.dsn_offered, self.session.extended_smtp)
+        except ParameterError as error:
+            return error.reply
+        if not (rcpt.address.isascii() or self.envelope.smtp_utf8):
+            return UNDECLARED_UNICODE
+        return await self.relay.handler.rcpt(self, rcpt)
 
     # DATA: aiosmtpd's own refuses lines over 1,001 octets and keeps the message as a list of
     # lines (about three times its size in memory). Real mail breaks the line rule and only the
@@ -171,8 +266,9 @@ class RelaySMTP(SMTP):
         if content is None:
             status = "552 5.3.4 Message exceeds the fixed maximum message size"
         else:
-            self.envelope.content = self.envelope.original_content = content
+            self.envelope.content = self.envelope.original_content = canonical(content)
             status = await self._call_handler_hook("DATA")
+        await self.end_transaction(aborted=True)  # if the handler has not: refused here
         self._set_post_data_state()
         await self.push(status)
 
@@ -203,8 +299,19 @@ class RelaySMTP(SMTP):
                 if too_big:
                     data = bytearray()  # let the memory go now
 
-    # AUTH: aiosmtpd's built-in PLAIN/LOGIN call a synchronous authenticator, but checking a
-    # password hash takes tens of milliseconds, so these variants check it in a worker thread.
+    # AUTH: offered only over TLS to configured users. aiosmtpd's built-in PLAIN/LOGIN call a
+    # synchronous authenticator, but checking a password hash takes tens of milliseconds, so
+    # these variants wait their turn (AuthThrottle) and check in the password pool.
+
+    def auth_offered(self) -> bool:
+        return bool(self.relay.settings.smtp.users) and self._tls_protocol is not None
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.auth_offered():
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         blob = await self._auth_response(args, "")
@@ -237,49 +344,73 @@ class RelaySMTP(SMTP):
 
     async def _check_password(self, login: bytes, password: bytes) -> AuthResult:
         name = login.decode("utf-8", "replace")
-        hashed = self.relay.settings.smtp.users.get(name)
-        secret = password.decode("utf-8", "surrogateescape")
-        ok = hashed is not None and await asyncio.to_thread(passwords.verify, secret, hashed)
+        peer = _peer_address(self.session.peer if self.session else None)
+        throttle = self.relay.auth_throttle
+        await throttle.before(peer)
+        ok = False
+        try:
+            hashed = self.relay.settings.smtp.users.get(name)
+            ok = await passwords.check(password.decode("utf-8", "surrogateescape"), hashed)
+        finally:
+            (throttle.succeeded if ok else throttle.failed)(peer)
         if not ok:
-            log.warning("AUTH failed for user %r from %s", name, _peer_ip(self.session))
+            log.warning("AUTH failed for user %r from %s", _printable(name), peer)
         return AuthResult(success=ok, handled=False, auth_data=LoginPassword(login, b""))
 
 
 class RelayHandler:
-    """aiosmtpd hooks; per-connection state lives on the `RelaySMTP` passed as `server`."""
+    """aiosmtpd hooks and the relay's commands; per-connection state lives on the `RelaySMTP`
+    passed as `server`."""
 
     def __init__(self, relay: RelayServer) -> None:
         self.relay = relay
 
-    async def handle_MAIL(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        """aiosmtpd's keywords, but AUTH only with a mechanism to offer, and DSN only when the
+        upstream offers it (the relay can pass DSN's parameters on, not act on them)."""
+        session.host_name = hostname
+        await server.end_transaction(aborted=True)  # EHLO resets the transaction too
+        upstream = self.relay.upstream
+        # (a client that may not relay makes no connection upstream)
+        offered = await upstream.extensions() if self._allowed(session) else upstream.offered
+        server.dsn_offered = offered is not None and offered.dsn
+        keywords = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
+        if server.dsn_offered:
+            keywords.insert(-1, "250-DSN")
+        return keywords
+
+    async def handle_HELO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
+        session.host_name = hostname
+        server.dsn_offered = False
+        await server.end_transaction(aborted=True)
+        return f"250 {server.hostname}"
+
+    async def mail(self, server: RelaySMTP, mail: MailCommand) -> str:
+        session, envelope = server.session, server.envelope
+        assert session is not None and envelope is not None
         if self.relay.closing:
             asyncio.get_running_loop().call_soon(server.close)
             return "421 4.3.2 Service shutting down, try again later"
         if not (session.authenticated or self._allowed(session)):
             log.warning("refused client %s: not in smtp.allowed_clients", _peer_ip(session))
             return "554 5.7.1 Relay access denied: client not allowed"
-        if server.transaction is not None:  # EHLO/HELO reset aiosmtpd's state mid-transaction
-            await server.end_transaction(aborted=True)
-        reply, transaction = await self.relay.upstream.begin(
-            address, options, smtputf8="SMTPUTF8" in options
-        )
+        reply, transaction = await self.relay.upstream.begin(mail)
         if transaction is not None:
             server.begin_transaction(transaction)
-            envelope.mail_from = address
-            envelope.mail_options.extend(options)
+            envelope.mail_from = mail.address
+            envelope.smtp_utf8 = mail.smtputf8
         return str(reply)
 
-    async def handle_RCPT(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
-    ) -> str:
-        if server.transaction is None:
-            return "503 5.5.1 Error: need MAIL command"
-        reply = await server.transaction.rcpt(address, options)
+    async def rcpt(self, server: RelaySMTP, rcpt: RcptCommand) -> str:
+        assert server.transaction is not None and server.envelope is not None
+        reply = await server.transaction.rcpt(rcpt)
         if reply.ok:
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(options)
+            server.envelope.rcpt_tos.append(rcpt.address)
         return str(reply)
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
@@ -296,8 +427,11 @@ class RelayHandler:
             raw = envelope.original_content or b""
             envelope.content = envelope.original_content = None  # let the big buffers go early
             prepared = await self.relay.pipeline.prepare(raw, envelope)
-            pieces = [self._trace(session, envelope), prepared.message]
             del raw
+            if prepared.refusal is not None:
+                log.info("smtp refused %s: %s", prepared.log_fields(), prepared.refusal)
+                return prepared.refusal
+            pieces = [self._trace(session, envelope), prepared.message]
             reply = await transaction.data(pieces)
             await self.relay.pipeline.forwarded(prepared, reply)
             log.info(
@@ -312,7 +446,7 @@ class RelayHandler:
         except Exception:
             log.exception("smtp transaction failed before the upstream answered; sender will retry")
         finally:
-            await server.end_transaction(aborted=reply is None)
+            await server.end_transaction(aborted=reply is None or not reply.ok)
         return data_reply(reply)
 
     def _allowed(self, session: Session) -> bool:
@@ -324,18 +458,21 @@ class RelayHandler:
     def _trace(self, session: Session, envelope: Envelope) -> bytes:
         if not self.relay.settings.smtp.received_header:
             return b""
-        protocol = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
-            protocol += "S"
-        if session.authenticated:
-            protocol += "A"
         helo = "".join(c for c in (session.host_name or "unknown") if 32 < ord(c) < 127)[:100]
         line = (
             f"Received: from {helo} ([{_peer_ip(session)}])\r\n"
-            f"\tby {self.relay.hostname} (clickrelay) with {protocol} id {secrets.token_hex(6)};"
-            f"\r\n\t{formatdate(localtime=False, usegmt=True)}\r\n"
+            f"\tby {self.relay.hostname} (clickrelay) with {_protocol(session, envelope)}"
+            f" id {secrets.token_hex(6)};\r\n\t{formatdate(localtime=False, usegmt=True)}\r\n"
         )
         return line.encode("ascii", "replace")
+
+
+def _protocol(session: Session, envelope: Envelope) -> str:
+    """The WITH of the Received line (RFC 3848, RFC 6531 3.7.3): ESMTP, ESMTPS, UTF8SMTPSA..."""
+    if not session.extended_smtp:
+        return "SMTP"
+    protocol = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if session.ssl else "")
+    return protocol + ("A" if session.authenticated else "")
 
 
 def data_reply(reply: Reply | None) -> str:
@@ -343,16 +480,42 @@ def data_reply(reply: Reply | None) -> str:
     if reply is None:
         return "451 4.3.0 Local error in processing, try again later"
     if reply.ok:
-        return f"250 {reply.text}"
-    if 500 <= reply.code < 600:
+        return str(Reply(250, reply.text))
+    if 500 <= reply.code < 600 or reply.code == 451:
         return str(reply)
-    if reply.code == 451:
-        return str(reply)
-    return f"451 4.4.0 Upstream deferred the message, try again later ({reply})"
+    return f"451 4.4.0 Upstream deferred the message, try again later ({reply.first_line})"
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def canonical(message: bytes) -> bytes:
+    """The message as the relay reads it and writes it on, made so once at the door:
+
+    - every line end CRLF, the only one the SMTP wire knows, so that a line end means the same
+      when the headers are read as when the message is written (a bare CR must not hide a
+      header from the control-header check that the upstream would then see as one);
+    - no NUL characters: a lenient upstream could take one for the end of a line and so find
+      another end of the data than the relay did. No mail needs one (RFC 5321 and 2045 allow
+      none in 7bit and 8bit data; base64 and quoted-printable never hold one), and removing
+      them, as Postfix's message_strip_characters does, keeps the rest of the message flowing.
+    """
+    if b"\0" in message:
+        log.warning("removed %d NUL character(s) from a message", message.count(b"\0"))
+        message = message.replace(b"\0", b"")
+    ends = message.count(b"\r\n")
+    if message.count(b"\n") == ends and message.count(b"\r") == ends:
+        return message
+    return _LINE_END.sub(b"\r\n", message)
 
 
 def _peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    peer = session.peer
+    address = _peer_address(session.peer)
+    return ipaddress.ip_address(address) if address is not None else None
+
+
+def _peer_address(peer: object) -> str | None:
+    """The client's IP address as text (an IPv4-mapped IPv6 address as IPv4), or None."""
     if not isinstance(peer, tuple):
         return None
     try:
@@ -360,5 +523,9 @@ def _peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:100])

@@ -7,7 +7,6 @@ by the templates; CSV cells that a spreadsheet would run as a formula are defuse
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import csv
@@ -16,6 +15,7 @@ import hmac
 import io
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,11 +29,14 @@ from aiohttp import web
 
 from clickrelay import passwords
 from clickrelay.config import ReportsSettings, Settings
+from clickrelay.limits import AuthThrottle, forwarded_client
 from clickrelay.store import (
     CAMPAIGN_SORTS,
+    MAX_ID,
     CampaignReport,
     CampaignSummary,
     ContactPage,
+    CursorError,
     LinkSummary,
     Store,
     StoreError,
@@ -231,8 +234,22 @@ def csv_response(name: str, header: list[str], rows: Iterable[Iterable[Any]]) ->
         body=buffer.getvalue().encode("utf-8"),
         content_type="text/csv",
         charset="utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={"Content-Disposition": attachment(name)},
     )
+
+
+_UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+_ATTR_CHARS = "!#$&+-.^_`|~"  # RFC 5987 attr-char, besides letters and digits
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for `filename` (campaign ids come from mail: any text at all), as
+    RFC 6266 says: an ASCII `filename` with every unsafe character (quotes, CR/LF, `;`, `/`,
+    non-ASCII, ...) replaced by `_`, for old clients, and the exact name as `filename*`
+    (UTF-8, percent-encoded), which current browsers prefer."""
+    fallback = _UNSAFE_IN_FILENAME.sub("_", filename).strip("._") or "export.csv"
+    exact = quote(filename, safe=_ATTR_CHARS)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 def _cell(value: Any) -> Any:
@@ -246,37 +263,69 @@ def _cell(value: Any) -> Any:
 
 
 class BasicAuth:
-    """HTTP Basic auth against `[reports]`; hash checks run in a thread and are remembered."""
+    """HTTP Basic auth against `[reports]`, slowed down per client address after failures.
+
+    Each attempt waits its turn with `AuthThrottle` (one check per address at a time, growing
+    delays after failed ones). A wrong user name costs what a wrong password costs: the password
+    is checked against the hash either way (the hash checks run in `passwords.check`'s own
+    pool), and a plain `password` is compared in constant time. The last good credentials are
+    remembered for a while, so a page's requests do not each pay for a hash check.
+    """
 
     REMEMBER_SECONDS = 300
 
-    def __init__(self, settings: ReportsSettings) -> None:
+    def __init__(self, settings: ReportsSettings, throttle: AuthThrottle | None = None) -> None:
         self.settings = settings
+        self.throttle = throttle or AuthThrottle()
         self._key = secrets.token_bytes(32)
         self._good: dict[bytes, float] = {}
 
-    async def check(self, header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
+    async def check(self, header: str | None, ip: str | None) -> bool:
+        """Whether `header` carries the right credentials. No header is no attempt (a browser
+        asks without one first); anything else is an attempt from `ip`."""
+        if not header:
             return False
+        await self.throttle.before(ip)
+        ok = False
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        user_ok = hmac.compare_digest(user.encode(), self.settings.username.encode())
-        if self.settings.password is not None:
-            password_ok = hmac.compare_digest(password.encode(), self.settings.password.encode())
-            return user_ok and password_ok
-        return user_ok and await self._check_hash(password)
+            credentials = _basic_credentials(header)
+            ok = credentials is not None and await self._verify(*credentials)
+        finally:  # a cancelled check counts as failed: hanging up must not dodge the delays
+            (self.throttle.succeeded if ok else self.throttle.failed)(ip)
+        return ok
 
-    async def _check_hash(self, password: str) -> bool:
+    async def _verify(self, user: str, password: str) -> bool:
+        user_ok = _same(user, self.settings.username)
+        if self.settings.password is not None:
+            return _same(password, self.settings.password) & user_ok  # both compared, always
         assert self.settings.password_hash is not None
-        fingerprint = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
-        if self._good.get(fingerprint, 0.0) > time.monotonic():
+        fingerprint = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        if user_ok and self._good.get(fingerprint, 0.0) > time.monotonic():
             return True
-        ok = await asyncio.to_thread(passwords.verify, password, self.settings.password_hash)
+        ok = await passwords.check(password, self.settings.password_hash) and user_ok
         if ok:
             self._good = {fingerprint: time.monotonic() + self.REMEMBER_SECONDS}
         return ok
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user, password) from a Basic Authorization header, None if it is not one."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, colon, password = (
+            base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        )
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if colon else None
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant time whatever the texts, their lengths too (digests have one length)."""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest(given.encode()).digest(), digest(expected.encode()).digest())
 
 
 def guarded(settings: Settings) -> Callable[[Handler], Handler]:
@@ -285,12 +334,16 @@ def guarded(settings: Settings) -> Callable[[Handler], Handler]:
     (A per-route wrapper rather than a middleware, so tracking-link redirects pay nothing.)
     """
     auth = BasicAuth(settings.reports)
+    trusted = settings.web.trusted_proxies
 
     def wrap(handler: Handler) -> Handler:
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
             if not settings.reports.enabled:
                 return _plain(403, "Reports are off: set [reports] password or password_hash.\n")
-            if not await auth.check(request.headers.get("Authorization")):
+            ip = forwarded_client(
+                request.remote, request.headers.get("X-Forwarded-For", ""), trusted
+            )
+            if not await auth.check(request.headers.get("Authorization"), ip):
                 response = _plain(401, "Authentication required.\n")
                 response.headers["WWW-Authenticate"] = 'Basic realm="clickrelay", charset="UTF-8"'
                 return response
@@ -299,6 +352,8 @@ def guarded(settings: Settings) -> Callable[[Handler], Handler]:
             except web.HTTPException as exc:
                 _secure(exc)
                 raise
+            except CursorError as exc:
+                return _plain(400, f"Bad request: {exc}; start again from the first page.\n")
             except StoreError as exc:
                 log.error("report failed, storage unavailable: %s", exc)
                 return _plain(503, "Storage is unavailable; try again shortly.\n")
@@ -394,12 +449,14 @@ class Reports:
     async def _contacts(self, request: web.Request, limit: int, after: str | None) -> ContactPage:
         """A page of the link's contacts. The first brings the counters up to date; the pages
         after it go on from there."""
-        if after is None:
+        link_id = int(request.match_info["link_id"])
+        if link_id > MAX_ID:
+            raise web.HTTPBadRequest(text=f"Bad request: no link has an id above {MAX_ID}.\n")
+        if not after:
             await self.store.roll_up()
         page = await self.store.link_contacts(
-            request.match_info["campaign_id"], int(request.match_info["link_id"]),
-            after=after, limit=limit,
-        )  # fmt: skip
+            request.match_info["campaign_id"], link_id, after=after, limit=limit
+        )
         if page is None:
             raise web.HTTPNotFound(text="No such link in this campaign.\n")
         return page
@@ -474,7 +531,7 @@ class Reports:
 
     async def contacts_csv(self, request: web.Request) -> web.Response:
         rows: list[list[Any]] = []
-        after = None
+        after = request.query.get("after")  # given: the export goes on from that page
         while True:  # every contact, one indexed page at a time
             page = await self._contacts(request, API_PAGE_SIZE, after)
             rows += [[c.contact_id, c.email, c.clicks, iso(c.first_click), iso(c.last_click)]

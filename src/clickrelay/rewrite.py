@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from clickrelay import links, mime
 from clickrelay.links import Link, LinkRules
-from clickrelay.tokens import TOKEN_LENGTH
 
 
 @dataclass(frozen=True)
@@ -36,22 +35,12 @@ class PartPlan:
         )
         return links.apply_edits(text, edits), edits
 
-    def keeps_links(self, tracking_url: str) -> bool:
-        """Whether, rewritten with `tracking_url` for every tracked link, the text has the same
-        links in the same order (see `links.scan` for why this needs asking)."""
-        try:
-            text, _ = self.rewritten({link.url: tracking_url for link, _ in self.judged})
-        except ValueError:  # overlapping edits, or an href that cannot take a new value
-            return False
-        expected = [link.url if reason else tracking_url for link, reason in self.judged]
-        return [link.url for link in links.find_links(text)] == expected
-
 
 @dataclass(frozen=True)
 class RewritePlan:
     message: bytes
     parts: list[PartPlan]
-    left_alone: int  # HTML body parts not decodable exactly or too broken to rewrite
+    left_alone: int  # HTML body parts that cannot be decoded exactly
 
     def _judged(self) -> list[tuple[Link, str | None]]:
         return [pair for part in self.parts for pair in part.judged]
@@ -81,22 +70,18 @@ class RewritePlan:
 def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | None:
     """Decode each HTML body part and judge its links; None if the message has no HTML body.
 
-    A part is left as it is when it cannot be decoded exactly, or when it is so broken that
-    rewriting it would change which links it has.
+    A part is left as it is when it cannot be decoded exactly.
     """
     entities = mime.html_body_parts(root)
     if not entities:
         return None
-    sample_url = rules.tracking_prefix + "A" * TOKEN_LENGTH  # the shape of every tracking URL
     parts = []
     for entity in entities:
         decoded = mime.decode(message, entity)
         if decoded is None:
             continue
-        found, well_formed = links.scan(decoded.text)
-        part = PartPlan(decoded, [(link, links.classify(link, rules)) for link in found])
-        if well_formed or not part.changes() or part.keeps_links(sample_url):
-            parts.append(part)
+        found = links.find_links(decoded.text)
+        parts.append(PartPlan(decoded, [(link, links.classify(link, rules)) for link in found]))
     return RewritePlan(message, parts, left_alone=len(entities) - len(parts))
 
 

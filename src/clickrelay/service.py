@@ -1,4 +1,10 @@
-"""Start the SMTP relay and/or the HTTP service, run until SIGTERM/SIGINT, stop gracefully."""
+"""Start the SMTP relay and/or the HTTP service, run until SIGTERM/SIGINT, stop gracefully.
+
+At start the soft file descriptor limit is raised to the hard one, and connection caps that
+would still need more descriptors than that are scaled down to fit (one log line says so), so
+that a flood of connections meets the caps, not "too many open files". Should descriptors run
+out anyway, asyncio's accept failures are logged at most once a minute, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,31 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import secrets
 import signal
 import ssl
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from aiohttp import web as aioweb
+from typing import Any
 
 from clickrelay import secretfile
 from clickrelay.clicks import ClickRecorder
 from clickrelay.config import ReportsSettings, Settings
+from clickrelay.limits import LogThrottle
 from clickrelay.pipeline import MessagePipeline
 from clickrelay.relay import RelayServer
 from clickrelay.store import SQLiteStore, StoreError, open_store
 from clickrelay.tokens import Signer, load_secret
 from clickrelay.upstream import create_upstream
-from clickrelay.web import create_app, runner
+from clickrelay.web import create_app, limited_site, runner
 
 log = logging.getLogger("clickrelay")
+SWITCH_INTERVAL = 0.001  # seconds
+
+FD_RESERVE = 100  # descriptors beyond the connection caps: storage, logs, lingering refusals
+ACCEPT_FAILURE = "socket.accept() out of system resource"  # asyncio's message
 
 
 class StartupError(Exception):
@@ -61,6 +73,11 @@ async def serve(settings: Settings, parts: Parts) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    quiet_accept_failures(loop)
+    # Big messages are rewritten in worker threads; the loop (every SMTP session, click and
+    # /healthz) gets the interpreter back from them within a millisecond, not Python's 5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    settings = fit_caps(settings, parts, raise_file_limit())
     async with contextlib.AsyncExitStack() as stack:
         store = await _open_store(settings, stack)
         signer = _signer(settings, store)
@@ -114,14 +131,19 @@ async def _start_web(
     recorder = ClickRecorder(store)
     stack.push_async_callback(recorder.close)  # after the runner: in-flight clicks get stored
     app = create_app(settings, store, signer, recorder)
-    app_runner = runner(app)
+    web = settings.web
+    app_runner = runner(app, web.idle_timeout_seconds)
     await app_runner.setup()
     stack.push_async_callback(app_runner.cleanup)
-    listen = settings.web.listen
-    tls = _tls_context("web", settings.web.tls_cert, settings.web.tls_key)
-    site = aioweb.TCPSite(app_runner, listen.host, listen.port, ssl_context=tls)
+    listen = web.listen
+    tls = _tls_context("web", web.tls_cert, web.tls_key)
+    site = limited_site(app_runner, web, tls)
     await _bind("web.listen", site.start())
-    log.info("http service listening on %s, public URL %s", listen, settings.web.public_url)
+    log.info(
+        "http service listening on %s, public URL %s (connections: at most %s, %s per client; "
+        "idle timeout %g s)", listen, web.public_url, web.max_connections or "no cap",
+        web.max_connections_per_client or "no cap", web.idle_timeout_seconds,
+    )  # fmt: skip
     if not settings.reports.enabled:
         log.warning("report pages and API are off (403): set [reports] password or password_hash")
 
@@ -144,3 +166,88 @@ def _tls_context(section: str, cert: Path | None, key: Path | None) -> ssl.SSLCo
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"{section}.tls_key", f"cannot load {cert} / {key}: {exc}") from None
     return context
+
+
+# ---------------------------------------------------------------- file descriptors
+
+
+def raise_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (no privilege needed); the new soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("file descriptors: cannot raise the limit from %d to %d: %s",
+                        soft, target, exc)  # fmt: skip
+            return soft
+        log.info("file descriptors: limit raised from %d to %d", soft, target)
+        return target
+    return soft
+
+
+@dataclass(frozen=True)
+class _Cap:
+    """A connection cap and the descriptors each of its connections may take."""
+
+    section: str
+    value: int
+    weight: int  # an SMTP client connection also opens one upstream
+
+
+def fit_caps(settings: Settings, parts: Parts, limit: int) -> Settings:
+    """The settings with connection caps scaled down so that every capped connection (web
+    max_connections, plus 2 x smtp max_connections: each has an upstream connection too) and
+    FD_RESERVE fit in `limit` descriptors; unchanged when they fit. A cap of 0 (none) is left
+    alone: the accept-failure handler covers it."""
+    caps = _caps(settings, parts)
+    need = sum(cap.value * cap.weight for cap in caps)
+    log.debug("file descriptors: limit %d; the connection caps need %d, plus %d in reserve",
+              limit, need, FD_RESERVE)  # fmt: skip
+    if not need or need + FD_RESERVE <= limit:
+        return settings
+    factor = max(limit - FD_RESERVE, 0) / need
+    changes = [(cap, max(1, int(cap.value * factor))) for cap in caps]
+    log.warning(
+        "file descriptors: the limit is %d, but the connection caps need %d plus %d in reserve; "
+        "scaled down to fit: %s (raise LimitNOFILE / ulimit -n to keep them)",
+        limit, need, FD_RESERVE,
+        ", ".join(f"{cap.section}.max_connections {cap.value} -> {new}" for cap, new in changes),
+    )  # fmt: skip
+    for cap, new in changes:
+        section = getattr(settings, cap.section)
+        settings = replace(settings, **{cap.section: replace(section, max_connections=new)})
+    return settings
+
+
+def _caps(settings: Settings, parts: Parts) -> list[_Cap]:
+    caps = [
+        _Cap("web", settings.web.max_connections, 1) if parts.web else None,
+        _Cap("smtp", settings.smtp.max_connections, 2) if parts.smtp else None,
+    ]
+    return [cap for cap in caps if cap is not None and cap.value > 0]
+
+
+def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """Out of descriptors, asyncio reports every failed accept (retrying each second) with a
+    traceback; this logs it as one line at most once a minute. Anything else goes on to the
+    handler there was before."""
+    throttle = LogThrottle(log, "failed accepts", level=logging.ERROR)
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") != ACCEPT_FAILURE or not isinstance(exc, OSError):
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        name = errno.errorcode.get(exc.errno or 0, "?")
+        throttle.event(
+            f"cannot accept new connections: {exc.strerror} ({name}); retrying each second. "
+            "Raise LimitNOFILE (ulimit -n) or lower the connection caps"
+        )
+
+    loop.set_exception_handler(handler)

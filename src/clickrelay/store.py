@@ -15,11 +15,13 @@ import base64
 import contextlib
 import json
 import logging
+import math
+import os
 import secrets
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """Storage is unavailable or refused an operation."""
+
+
+class CursorError(ValueError):
+    """A page cursor (`after`) that this store never issued: the request is bad (400)."""
+
+
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range: a larger id matches no row (and cannot be bound)
+MAX_CURSOR_LENGTH = 1024
 
 
 # What SQLite and aiosqlite raise when storage fails (aiosqlite: ValueError once closed).
@@ -189,7 +199,10 @@ class Store(Protocol):
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
     ) -> ContactPage | None:
-        """Contacts with human clicks on a link, most recent first, one page at a time."""
+        """Contacts with human clicks on a link, most recent first, one page at a time.
+
+        None for an unknown link (any id, however large); CursorError for an `after` that is
+        not a `next_cursor` this store made."""
 
 
 # ---------------------------------------------------------------- schema
@@ -401,7 +414,8 @@ class SQLiteStore:
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(self.path)
             self._db = await self._connect()
             await self._migrate()
             self._read = await self._connect(read_only=True)
@@ -592,6 +606,8 @@ class SQLiteStore:
     # ------------------------------------------------------------ the web service
 
     async def get_link(self, link_id: int) -> LinkTarget | None:
+        if not 0 < link_id <= MAX_ID:
+            return None
         rows = await self._query("SELECT id, url FROM links WHERE id = ?", (link_id,))
         return LinkTarget(rows[0]["id"], rows[0]["url"]) if rows else None
 
@@ -708,6 +724,9 @@ class SQLiteStore:
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
     ) -> ContactPage | None:
+        last, key = _decode_cursor(after)  # a bad cursor is the caller's mistake, found first
+        if not 0 < link_id <= MAX_ID:
+            return None
         links = await self._query(
             f"{self._LINKS} JOIN campaigns c ON c.id = l.campaign_id"
             " WHERE l.id = ? AND c.campaign_key = ?",
@@ -716,7 +735,6 @@ class SQLiteStore:
         if not links:
             return None
         link = _link(links[0])
-        last, key = _decode_cursor(after)
         rows = await self._query(
             "SELECT lc.contact_key, lc.send_id, lc.human_clicks, lc.first_click, lc.last_click,"
             " s.contact_id, s.email FROM link_contacts lc JOIN sends s ON s.id = lc.send_id"
@@ -765,15 +783,56 @@ def _encode_cursor(row: sqlite3.Row) -> str:
 
 
 def _decode_cursor(cursor: str | None) -> tuple[float, str]:
-    """(last click, contact key) to continue after; the first page for none or a bad one."""
-    first_page = (float("inf"), "")
+    """(last click, contact key) to continue after; the first page for none or an empty one.
+
+    Raises CursorError for anything `_encode_cursor` did not make (the cursor comes from the
+    query string: any text at all, deeply nested JSON too)."""
     if not cursor:
-        return first_page
+        return (math.inf, "")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise CursorError("the page cursor is too long")
     try:
-        last, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return float(last), str(key)
-    except (ValueError, TypeError):
-        return first_page
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError) as exc:  # binascii.Error and JSON errors are ValueErrors
+        raise CursorError("the page cursor is not one this service made") from exc
+    match value:
+        case [int() | float() as last, str() as key] if math.isfinite(last) and _utf8(key):
+            return float(last), key
+    raise CursorError("the page cursor is not one this service made")
+
+
+def _utf8(text: str) -> bool:
+    """False for text SQLite cannot take (lone surrogates, as JSON's \\ud800 makes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _make_private(path: Path) -> None:
+    """The database file, and its -wal and -shm files, readable by this user only (0600),
+    whatever the umask: SQLite gives -wal and -shm the database file's mode, so the database
+    file is created 0600 before SQLite opens it, and files made before are set to 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        _chmod_private(path, lambda: os.fchmod(fd, 0o600))  # new ones too: umask 0o277 exists
+    finally:
+        os.close(fd)
+    for name in (f"{path}-wal", f"{path}-shm"):
+        _chmod_private(Path(name), lambda name=name: os.chmod(name, 0o600))
+
+
+def _chmod_private(path: Path, chmod: Callable[[], None]) -> None:
+    """Set 0600 unless already so; a file of another user's (that this one may still use)
+    is left as it is, with a warning."""
+    try:
+        if path.stat().st_mode & 0o777 != 0o600:
+            chmod()
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:
+        log.warning("storage: cannot make %s private (mode 0600): %s", path, exc.strerror)
 
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:

@@ -1,8 +1,11 @@
 """The real mail server behind the relay: an SMTP server (via aiosmtplib) or a local Maildir.
 
 An upstream hands out one `Transaction` per client transaction. Every step returns the
-upstream's `Reply` (or a 4xx `Reply` when the upstream could not be reached or timed out), so the
-relay can mirror it to its client: nothing is ever acknowledged that the upstream did not.
+upstream's `Reply`, every line of it (or a 4xx `Reply` when the upstream could not be reached or
+timed out), so the relay can mirror it to its client: nothing is ever acknowledged that the
+upstream did not. What goes to an SMTP upstream fits what its EHLO offers (`esmtp.Extensions`):
+parameters it does not offer are left out, 8-bit content is converted for one without 8BITMIME,
+and a message that needs SMTPUTF8 where it is not offered is refused (553 5.6.7, as Postfix).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -22,7 +24,10 @@ from typing import Protocol
 
 import aiosmtplib
 
+from clickrelay import cpu, downgrade
 from clickrelay.config import UpstreamSettings
+from clickrelay.esmtp import Extensions, MailCommand, RcptCommand
+from clickrelay.headers import parse_header_block
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +38,20 @@ IDLE_SECONDS = 30.0
 @dataclass(frozen=True)
 class Reply:
     code: int
-    text: str
+    text: str  # the text of each line (enhanced status code included), lines joined by "\n"
 
     def __str__(self) -> str:
-        return f"{self.code} {self.text}"
+        """The reply as the SMTP wire carries it: "550-first\r\n550 last"."""
+        *first, last = self.text.split("\n")
+        return "".join(f"{self.code}-{line}\r\n" for line in first) + f"{self.code} {last}"
 
     @property
     def ok(self) -> bool:
         return 200 <= self.code < 300
+
+    @property
+    def first_line(self) -> str:
+        return f"{self.code} {self.text.partition(chr(10))[0]}"
 
 
 def unavailable(problem: str) -> Reply:
@@ -48,8 +59,11 @@ def unavailable(problem: str) -> Reply:
     return Reply(451, f"4.4.1 Upstream unavailable, try again later ({problem})")
 
 
+NEEDS_SMTPUTF8 = "5.6.7 SMTPUTF8 is required, but was not offered by the upstream"
+
+
 class Transaction(Protocol):
-    async def rcpt(self, address: str, options: list[str]) -> Reply: ...
+    async def rcpt(self, rcpt: RcptCommand) -> Reply: ...
 
     async def data(self, pieces: Sequence[bytes]) -> Reply:
         """Send the message, given as consecutive pieces that each start a line (a trace header,
@@ -60,9 +74,12 @@ class Transaction(Protocol):
 
 
 class Upstream(Protocol):
-    async def begin(
-        self, sender: str, options: list[str], smtputf8: bool
-    ) -> tuple[Reply, Transaction | None]:
+    offered: Extensions | None  # what the upstream offered in its latest EHLO, if known
+
+    async def extensions(self) -> Extensions | None:
+        """What the upstream offers, asked if not known yet (None: it cannot be reached)."""
+
+    async def begin(self, mail: MailCommand) -> tuple[Reply, Transaction | None]:
         """Start a transaction (MAIL FROM): the reply and, if it was 2xx, the transaction."""
 
     async def close(self) -> None: ...
@@ -84,11 +101,17 @@ class SmtpUpstream:
         self.local_hostname = local_hostname
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._tls_context = _client_tls_context(settings) if settings.url.scheme != "smtp" else None
+        self.offered: Extensions | None = None  # as of the latest EHLO
 
-    async def begin(
-        self, sender: str, options: list[str], smtputf8: bool
-    ) -> tuple[Reply, Transaction | None]:
-        encoding = "utf-8" if smtputf8 else "ascii"
+    async def extensions(self) -> Extensions | None:
+        if self.offered is None:  # not known yet: ask, and keep the connection for later
+            try:
+                self._release(await self._connect())
+            except _FAILURES as exc:
+                log.warning("upstream %s unreachable: %s", self.settings.url, _describe(exc))
+        return self.offered
+
+    async def begin(self, mail: MailCommand) -> tuple[Reply, Transaction | None]:
         while True:
             conn, reused = self._take_idle(), True
             if conn is None:
@@ -98,20 +121,21 @@ class SmtpUpstream:
                 except _FAILURES as exc:
                     log.warning("upstream %s unreachable: %s", self.settings.url, _describe(exc))
                     return unavailable(_describe(exc)), None
+            offered = Extensions.from_ehlo(conn.esmtp_extensions)
+            if not (mail.address.isascii() or offered.smtputf8):
+                self._release(conn)
+                return Reply(553, NEEDS_SMTPUTF8), None
             try:
-                await conn.mail(sender, options=options, encoding=encoding)
-            except aiosmtplib.SMTPSenderRefused as exc:
-                self._release(conn)
-                return _mirrored(exc.code, exc.message), None
-            except (UnicodeEncodeError, ValueError):  # aiosmtplib refuses control characters
-                self._release(conn)
-                return Reply(553, "5.1.7 Address cannot be sent upstream as written"), None
+                reply = await _command(conn, "MAIL", mail.upstream_line(offered))
             except _FAILURES as exc:
                 conn.close()
                 if reused:  # a cached connection the server closed meanwhile: try a fresh one
                     continue
                 return unavailable(_describe(exc)), None
-            return Reply(250, "2.1.0 Ok"), SmtpTransaction(self, conn, encoding)
+            if not reply.ok:
+                (conn.close if reply.code == 421 else self._release)(conn)
+                return _mirrored(reply), None
+            return _mirrored(reply), SmtpTransaction(self, conn, mail, offered)
 
     async def _connect(self) -> aiosmtplib.SMTP:
         url, conf = self.settings.url, self.settings
@@ -127,6 +151,12 @@ class SmtpUpstream:
             password=conf.password,
         )
         await conn.connect()
+        if conn.is_ehlo_or_helo_needed:  # done by connect() only where TLS or AUTH needed it
+            try:
+                await conn.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await conn.helo()
+        self.offered = Extensions.from_ehlo(conn.esmtp_extensions)
         return conn
 
     def _take_idle(self) -> aiosmtplib.SMTP | None:
@@ -154,23 +184,26 @@ class SmtpUpstream:
 
 
 class SmtpTransaction:
-    def __init__(self, upstream: SmtpUpstream, conn: aiosmtplib.SMTP, encoding: str) -> None:
+    def __init__(
+        self, upstream: SmtpUpstream, conn: aiosmtplib.SMTP, mail: MailCommand, offered: Extensions
+    ) -> None:
         self.upstream = upstream
         self.conn = conn
-        self.encoding = encoding
+        self.mail = mail
+        self.offered = offered
         self.broken = False
 
-    async def rcpt(self, address: str, options: list[str]) -> Reply:
+    async def rcpt(self, rcpt: RcptCommand) -> Reply:
+        if not (rcpt.address.isascii() or self.offered.smtputf8):
+            return Reply(553, NEEDS_SMTPUTF8)
         try:
-            await self.conn.rcpt(address, options=options, encoding=self.encoding)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            return _mirrored(exc.code, exc.message)
-        except (UnicodeEncodeError, ValueError):
-            return Reply(553, "5.1.3 Address cannot be sent upstream as written")
+            reply = await _command(self.conn, "RCPT", rcpt.upstream_line(self.offered))
         except _FAILURES as exc:
             self.broken = True
             return unavailable(_describe(exc))
-        return Reply(250, "2.1.5 Ok")
+        if reply.code == 421:
+            self.broken = True
+        return _mirrored(reply)
 
     async def data(self, pieces: Sequence[bytes]) -> Reply:
         """Send DATA and the message; the answer is the upstream's reply to the final dot.
@@ -178,11 +211,15 @@ class SmtpTransaction:
         Each piece is dot-stuffed in one pass and written as it is, without aiosmtplib's own
         copies of the whole message, so a 30 MB message costs little more than itself.
         """
+        try:
+            pieces = [*pieces[:-1], await self._fitted(pieces[-1])]
+        except downgrade.Refused as refused:
+            return Reply(refused.code, refused.text)
         timeout = self.upstream.settings.timeout_seconds
         try:
             start = await self.conn.execute_command(b"DATA", timeout=timeout)
             if start.code != 354:
-                return _mirrored(start.code, start.message)
+                return _mirrored(Reply(start.code, start.message))
             protocol = self.conn.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -200,7 +237,17 @@ class SmtpTransaction:
             raise
         if reply.code == 421:
             self.broken = True
-        return Reply(reply.code, _one_line(reply.message))
+        return Reply(reply.code, _lines(reply.message))
+
+    async def _fitted(self, message: bytes) -> bytes:
+        """The message as this upstream can take it; raises downgrade.Refused if it cannot."""
+        if self.mail.smtputf8 and not self.offered.smtputf8:
+            block = parse_header_block(message)
+            if not message[: block.body_start].isascii():
+                raise downgrade.Refused(553, NEEDS_SMTPUTF8)
+        if self.offered.eightbitmime or message.isascii():
+            return message
+        return await cpu.run(len(message), downgrade.seven_bit, message)
 
     async def finish(self, *, aborted: bool) -> None:
         if self.broken or not self.conn.is_connected:
@@ -227,15 +274,18 @@ def _write(protocol: aiosmtplib.protocol.SMTPProtocol, data: bytes) -> None:
 
 
 def dot_stuff(message: bytes) -> bytes:
-    """SMTP transparency (RFC 5321 4.5.2), with bare CR or LF line ends made CRLF for the wire."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        message = _LINE_END.sub(b"\r\n", message)
+    """SMTP transparency (RFC 5321 4.5.2) for a message whose line ends are CRLF."""
     stuffed = message.replace(b"\r\n.", b"\r\n..")
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+async def _command(conn: aiosmtplib.SMTP, verb: str, argument: str) -> Reply:
+    """One command as written (aiosmtplib's mail() and rcpt() rewrite addresses and parameters);
+    the reply, whatever its code."""
+    response = await conn.execute_command(verb.encode(), argument.encode("utf-8"))
+    return Reply(response.code, response.message)
+
+
 _FAILURES = (
     aiosmtplib.SMTPServerDisconnected,
     aiosmtplib.SMTPConnectError,
@@ -250,11 +300,18 @@ _FAILURES = (
 )
 
 
-def _mirrored(code: int, text: str) -> Reply:
-    """The upstream's own answer, except that a 421 (it is closing on us) becomes a 451."""
-    if code == 421 or not 200 <= code < 600:
-        return unavailable(f"{code} {_one_line(text)}")
-    return Reply(code, _one_line(text))
+def _mirrored(reply: Reply) -> Reply:
+    """The upstream's own answer, every line, except that a 421 (it is closing on us) becomes a
+    451."""
+    if reply.code == 421 or not 200 <= reply.code < 600:
+        return unavailable(f"{reply.code} {_one_line(reply.text)}")
+    return Reply(reply.code, _lines(reply.text))
+
+
+def _lines(text: str) -> str:
+    """Each line of a reply's text fit to pass on: printable ASCII."""
+    lines = [_one_line(line) for line in text.split("\n")]
+    return "\n".join(lines)
 
 
 def _one_line(text: str) -> str:
@@ -293,22 +350,24 @@ class MaildirUpstream:
         self._counter = itertools.count(1)
         self._host = socket.gethostname().replace("/", "_").replace(":", "_")
 
-    async def begin(
-        self, sender: str, options: list[str], smtputf8: bool
-    ) -> tuple[Reply, Transaction | None]:
-        return Reply(250, "2.1.0 Ok"), MaildirTransaction(self, sender)
+    offered = Extensions(size=True, eightbitmime=True, smtputf8=True)  # files take anything
+
+    async def extensions(self) -> Extensions:
+        return self.offered
+
+    async def begin(self, mail: MailCommand) -> tuple[Reply, Transaction | None]:
+        return Reply(250, "2.1.0 Ok"), MaildirTransaction(self, mail.address)
 
     def deliver(self, sender: str, recipients: list[str], pieces: Sequence[bytes]) -> str:
         for sub in ("tmp", "new", "cur"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         now = time.time()
         name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}.{self._host}"
-        eol = b"\r\n" if b"\r\n" in pieces[-1][:4096] else b"\n"
         envelope = [b"Return-Path: <" + sender.encode("utf-8", "replace") + b">"]
         envelope += [b"Delivered-To: " + r.encode("utf-8", "replace") for r in recipients]
         tmp = self.root / "tmp" / name
         with open(tmp, "wb") as fh:
-            fh.write(eol.join(envelope) + eol)
+            fh.write(b"\r\n".join(envelope) + b"\r\n")
             for piece in pieces:
                 fh.write(piece)
             fh.flush()
@@ -326,8 +385,8 @@ class MaildirTransaction:
         self.sender = sender
         self.recipients: list[str] = []
 
-    async def rcpt(self, address: str, options: list[str]) -> Reply:
-        self.recipients.append(address)
+    async def rcpt(self, rcpt: RcptCommand) -> Reply:
+        self.recipients.append(rcpt.address)
         return Reply(250, "2.1.5 Ok")
 
     async def data(self, pieces: Sequence[bytes]) -> Reply:

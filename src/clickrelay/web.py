@@ -3,29 +3,37 @@
 A click flows one way: verify the token (no database for a forged one; the token also carries
 the send and its time) -> look up the link (cached) -> judge human or bot -> record (group
 commit) -> 302 to the exact original URL. A click with a warm cache reads nothing.
+
+Against hostile clients, `LimitedSite` caps the open connections (in total and per client
+address, `[web] max_connections...`): one over a cap gets a small 503 at once and is closed.
+The runner's `keepalive_timeout` (`[web] idle_timeout_seconds`) closes a connection that has
+not sent a whole request in time, counted from its start and from each answer; header bytes
+trickled in (a slow-loris) do not extend it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import functools
 import ipaddress
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
 from clickrelay.bots import BotJudge
 from clickrelay.clicks import ClickRecorder
-from clickrelay.config import IPNetwork, Settings
+from clickrelay.config import IPNetwork, Settings, WebSettings
+from clickrelay.limits import ConnectionLimits, forwarded_client
 from clickrelay.reports import Reports
 from clickrelay.store import NewClick, Store, StoreError
 from clickrelay.tokens import Signer
+from clickrelay.urls import to_uri
 
 log = logging.getLogger(__name__)
 
@@ -117,49 +125,9 @@ def not_found() -> web.Response:
     return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html", headers=NO_STORE)
 
 
-def to_uri(url: str) -> str:
-    """The URL in a form an HTTP header can carry: IDNA host, non-ASCII characters, spaces and
-    controls percent-encoded (as UTF-8); every other character exactly as written."""
-    if url.isascii() and url.isprintable() and " " not in url:
-        return url
-    host = urlsplit(url).hostname or ""
-    if not host.isascii():
-        url = _idna_host(url)
-    return quote(url, safe=_PRINTABLE_ASCII)
-
-
-_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
-
-
-def _idna_host(url: str) -> str:
-    scheme, sep, rest = url.partition("//")
-    authority_end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
-    authority, tail = rest[:authority_end], rest[authority_end:]
-    userinfo, at, hostport = authority.rpartition("@")
-    host, colon, port = hostport.partition(":")
-    with contextlib.suppress(UnicodeError):  # if not, the percent-encoding still carries it
-        host = host.encode("idna").decode("ascii")
-    return f"{scheme}{sep}{userinfo}{at}{host}{colon}{port}{tail}"
-
-
 def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str | None:
     """The peer address, or for a trusted proxy the last untrusted X-Forwarded-For hop."""
-    peer = request.remote
-    if not trusted or peer is None or not _in(peer, trusted):
-        return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _in(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+    return forwarded_client(request.remote, request.headers.get("X-Forwarded-For", ""), trusted)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -189,10 +157,166 @@ def create_app(
     return app
 
 
-def runner(app: web.Application) -> web.AppRunner:
-    """The app's runner: no access log (clicks are recorded, not logged), and request lines up
-    to 32 KiB, so that even a huge garbage token gets its 404 rather than a parser error."""
-    return web.AppRunner(app, access_log=None, shutdown_timeout=10, max_line_size=32768)
+def runner(app: web.Application, idle_timeout: float = 15.0) -> web.AppRunner:
+    """The app's runner: no access log (clicks are recorded, not logged), request lines up to
+    32 KiB (so that even a huge garbage token gets its 404 rather than a parser error), and
+    connections without a whole request for `idle_timeout` seconds closed."""
+    return web.AppRunner(
+        app, access_log=None, shutdown_timeout=10, max_line_size=32768,
+        keepalive_timeout=idle_timeout,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- connection caps
+
+_REFUSED_BODY = b"Too many connections; try again soon.\n"
+REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Retry-After: 5\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"Connection: close\r\n"
+    b"\r\n%s"
+) % (len(_REFUSED_BODY), _REFUSED_BODY)
+# A refused connection stays open this long at most, reading what it sent. At most
+# MAX_LINGERING do at once (their descriptors come from service.FD_RESERVE): beyond that the
+# oldest is closed, which has had the most time to read its answer.
+LINGER_SECONDS = 2.0
+MAX_LINGERING = 64
+BACKLOG = 1024  # a burst of clicks (a newsletter just sent) queues here rather than retrying SYNs
+
+
+def limited_site(
+    app_runner: web.BaseRunner, settings: WebSettings, tls: ssl.SSLContext | None = None
+) -> LimitedSite:
+    """The site on `[web] listen` with the `[web]` connection caps (proxies exempt per client)."""
+    limits = ConnectionLimits(
+        settings.max_connections, settings.max_connections_per_client, settings.trusted_proxies,
+        name="web",
+    )  # fmt: skip
+    return LimitedSite(app_runner, limits, settings.listen.host, settings.listen.port, tls)
+
+
+class LimitedSite(web.TCPSite):
+    """A TCP site whose connections pass `limits` first: admitted ones are served by the
+    runner's server as usual; one over a cap gets `REFUSED` and is closed.
+
+    Everything else is TCPSite's (TLS, port, stop); the runner's cleanup shuts admitted
+    connections down gracefully as before, and `stop` also ends the refused ones lingering.
+    """
+
+    __slots__ = ("_limits", "_refused")
+
+    def __init__(
+        self, runner: web.BaseRunner, limits: ConnectionLimits, host: str, port: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=BACKLOG)
+        self._limits = limits
+        self._refused: dict[asyncio.BaseTransport, None] = {}  # lingering, oldest first
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return self._limits
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Gate(server, self._limits, self._refused),
+            self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+        )  # fmt: skip
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await super().stop()
+        for transport in list(self._refused):
+            transport.abort()
+
+
+class _Gate(asyncio.Protocol):
+    """Stands before each connection: asks the limits, then hands every event to the protocol
+    that serves it (aiohttp's request handler, or `_Refusal`)."""
+
+    __slots__ = ("_admitted", "_factory", "_inner", "_ip", "_limits", "_refused")
+
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], limits: ConnectionLimits,
+        refused: dict[asyncio.BaseTransport, None],
+    ) -> None:  # fmt: skip
+        self._factory = factory
+        self._limits = limits
+        self._refused = refused
+        self._inner: asyncio.Protocol | None = None
+        self._ip: str | None = None
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._ip = peer[0] if isinstance(peer, tuple) else None
+        self._admitted = self._limits.admit(self._ip)
+        self._inner = self._factory() if self._admitted else _Refusal(self._refused)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+        if self._admitted:
+            self._admitted = False
+            self._limits.release(self._ip)
+
+
+class _Refusal(asyncio.Protocol):
+    """Answers `REFUSED` at once and closes. Where it can (not over TLS), it half-closes and
+    reads what the client sends until the client closes too (briefly): a socket closed with
+    unread data, or receiving data after its close, sends a reset, and a reset can destroy the
+    answer before the client has read it."""
+
+    def __init__(self, lingering: dict[asyncio.BaseTransport, None]) -> None:
+        self._lingering = lingering
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(REFUSED)
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._transport = transport
+        self._lingering[transport] = None
+        if len(self._lingering) > MAX_LINGERING:
+            oldest = next(iter(self._lingering))
+            del self._lingering[oldest]
+            oldest.close()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is not read: it is refused whatever it says
+
+    def eof_received(self) -> bool:
+        return False  # the client has closed too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._lingering.pop(self._transport, None)  # type: ignore[arg-type]
 
 
 def _healthz(store: Store):

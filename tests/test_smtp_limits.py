@@ -1,0 +1,155 @@
+"""The SMTP listener under a flood of connections and passwords: caps answered at once with 421,
+idle sessions closed, failed logins slowed down, an unknown user as slow as a known one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import ssl
+import time
+from dataclasses import replace
+
+import pytest
+
+from clickrelay.passwords import hash_password
+
+from support import RawClient, message, send, start_relay
+
+STRANGER = "127.0.0.2"  # not in allowed_clients below: the per-client cap applies to it
+
+
+def limited(settings, **changes):
+    smtp = replace(
+        settings.smtp, allowed_clients=(ipaddress.ip_network("127.0.0.1/32"),), **changes
+    )
+    return replace(settings, smtp=smtp)
+
+
+async def greeting(
+    port: int, source: str
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    line = await asyncio.wait_for(reader.readline(), 5)
+    return line.decode(), reader, writer
+
+
+async def test_connections_over_the_per_client_cap_get_421_at_once(upstream, settings):
+    settings = limited(settings, max_connections_per_client=5)
+    async with start_relay(settings) as relay:
+        held = [await greeting(relay.port, STRANGER) for _ in range(5)]
+        started = time.monotonic()
+        refused, reader, writer = await greeting(relay.port, STRANGER)
+        closed = await asyncio.wait_for(reader.read(), 5)  # then the relay closes it
+        elapsed = time.monotonic() - started
+        writer.close()
+        # The allowed clients (the sending systems) are not held to the per-client cap.
+        replies = await send(relay.port, message())
+        held[0][2].close()
+        await until_open(relay, 4)  # the four still held
+        again, _, writer = await greeting(relay.port, STRANGER)
+        writer.close()
+        for _, _, w in held[1:]:
+            w.close()
+    assert all(line.startswith("220 ") for line, _, _ in held)
+    assert refused.startswith("421 4.7.0 ")
+    assert closed == b""
+    assert elapsed < 1.0
+    assert replies[-1].startswith("250 ")
+    assert again.startswith("220 ")
+
+
+async def until_open(relay, count: int) -> None:
+    """Until the relay counts `count` open connections: it sees a close a few turns of this event
+    loop (which client and relay share) after the client made it. Bounded."""
+    for _ in range(10_000):
+        if relay.server.limits.open <= count:
+            return
+        await asyncio.sleep(0)  # one turn of the loop, not a wait
+
+
+async def test_connections_over_the_total_cap_get_421(upstream, settings):
+    settings = limited(settings, max_connections=3, max_connections_per_client=0)
+    async with start_relay(settings) as relay:
+        held = [await greeting(relay.port, "127.0.0.1") for _ in range(3)]
+        refused, _, writer = await greeting(relay.port, "127.0.0.1")
+        writer.close()
+        for _, _, w in held:
+            w.close()
+    assert refused.startswith("421 4.7.0 ")
+
+
+async def test_an_idle_session_is_closed_after_the_idle_timeout(upstream, settings):
+    settings = limited(settings, idle_timeout_seconds=0.5)
+    async with start_relay(settings) as relay:
+        client = await RawClient.connect(relay.port)
+        await client.cmd("EHLO c")
+        started = time.monotonic()
+        rest = await asyncio.wait_for(client.reader.read(), 5)
+        elapsed = time.monotonic() - started
+        await client.close()
+    assert rest == b""
+    assert 0.4 < elapsed < 3
+
+
+# --- passwords ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth_settings(settings, tls_files):
+    cert, key = tls_files
+    users = {"app": hash_password("right")}
+    return limited(settings, users=users, tls_cert=cert, tls_key=key)
+
+
+@pytest.fixture
+def server_tls(tls_files):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_files)
+    return context
+
+
+async def login(port: int, source: str, user: str, password: str) -> tuple[str, float]:
+    """One AUTH PLAIN attempt over STARTTLS; its reply and how long the reply took."""
+    client = await RawClient.connect(port, source=source)
+    try:
+        await client.cmd("EHLO c")
+        await client.cmd("STARTTLS")
+        await client.writer.start_tls(ssl._create_unverified_context())
+        tls = RawClient(client.reader, client.writer)
+        await tls.cmd("EHLO c")
+        blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        started = time.monotonic()
+        reply = await tls.cmd(f"AUTH PLAIN {blob}", timeout=60)
+        return reply, time.monotonic() - started
+    finally:
+        client.writer.close()
+
+
+@pytest.mark.slow
+async def test_failed_logins_from_one_address_wait_longer_and_longer(
+    upstream, auth_settings, server_tls
+):
+    async with start_relay(auth_settings, tls=server_tls) as relay:
+        attempts = [await login(relay.port, STRANGER, "app", "wrong") for _ in range(6)]
+        other = await login(relay.port, "127.0.0.3", "app", "right")  # another address: at once
+    replies = [reply for reply, _ in attempts]
+    waits = [took for _, took in attempts]
+    assert all(reply.startswith("535") for reply in replies)
+    assert max(waits[:3]) < 1.0  # people mistype: the first failures cost nothing
+    assert waits[3] >= 1.0 and waits[4] >= 2.0 and waits[5] >= 4.0  # then 1, 2, 4 s...
+    assert other[0].startswith("235") and other[1] < 1.0
+
+
+async def test_an_unknown_user_costs_a_password_check_like_a_known_one(
+    upstream, auth_settings, server_tls
+):
+    """No user enumeration by timing: a wrong user name is checked against a hash of the same
+    cost (today it is refused without one, some 50 ms sooner)."""
+    async with start_relay(auth_settings, tls=server_tls) as relay:
+        known, unknown = [], []
+        for n in range(3):  # each from its own address: no throttling in the way
+            known.append((await login(relay.port, f"127.0.1.{n}", "app", "wrong"))[1])
+            unknown.append((await login(relay.port, f"127.0.2.{n}", "nobody", "wrong"))[1])
+    assert min(unknown) >= 0.5 * min(known)
+    assert min(known) > 0.005  # a real scrypt check happened
