@@ -406,14 +406,17 @@ def write_config(
     return path
 
 
-async def assert_faithful(original: str, rewritten: str, relay: RunningRelay) -> int:
+async def assert_faithful(
+    original: str, rewritten: str, relay: RunningRelay, charset: str = "utf-8"
+) -> int:
     """`rewritten` is `original` with tracked hrefs replaced and opt-out attributes removed.
 
     Every link of the rewritten HTML leads where the original one did (tracking links are
-    resolved through the token and the database), and all text between links is identical.
-    Returns the number of tracking links.
+    resolved through the token and the database, to the URL a browser opens from a document in
+    `charset`), and all text between links is identical. Returns the number of tracking links.
     """
     from clickrelay.links import find_links, splice
+    from clickrelay.urls import encode_query
 
     before = find_links(original)
     expected = splice(original, [(link, None) for link in before])  # opt-out attributes gone
@@ -423,7 +426,7 @@ async def assert_faithful(original: str, rewritten: str, relay: RunningRelay) ->
     for o, n in zip(old, new, strict=True):
         assert expected[pos_old : o.start] == rewritten[pos_new : n.start]
         if n.url.startswith(relay.server.settings.web.public_url + "/c/") and o.url != n.url:
-            assert await relay.resolve(n.url) == o.url
+            assert await relay.resolve(n.url) == encode_query(o.url, charset)
             tracked += 1
         else:
             assert n.url == o.url

@@ -66,12 +66,8 @@ def strip_control(raw: bytes) -> bytes:
     )
 
 
-def html_texts(raw: bytes) -> list[str | None]:
-    root = mime.parse(raw)
-    return [
-        None if (part := mime.decode(raw, entity)) is None else part.text
-        for entity in mime.html_body_parts(root)
-    ]
+def html_parts(raw: bytes) -> list[mime.DecodedPart | None]:
+    return [mime.decode(raw, entity) for entity in mime.html_body_parts(mime.parse(raw))]
 
 
 def structure(raw: bytes) -> list[str]:
@@ -87,12 +83,14 @@ async def check_forwarded(relay, settings, original: bytes, forwarded: bytes) ->
         assert forwarded == expected, f"decision {decision} but the message changed"
         return decision
     assert structure(forwarded) == structure(expected)
-    before, after = html_texts(expected), html_texts(forwarded)
+    before, after = html_parts(expected), html_parts(forwarded)
     assert len(before) == len(after)
     for old, new in zip(before, after, strict=True):
         if old is None:  # undecodable parts stay as they were
             continue
-        await assert_faithful(old.replace("\r\n", "\n"), new.replace("\r\n", "\n"), relay)
+        assert new is not None
+        old_text, new_text = old.text.replace("\r\n", "\n"), new.text.replace("\r\n", "\n")
+        await assert_faithful(old_text, new_text, relay, old.charset)
     return decision
 
 

@@ -101,7 +101,11 @@ async def test_a_malformed_cursor_is_a_400_on_every_route(web_settings, bad):
     assert good.status == 200
 
 
-@pytest.mark.parametrize("link_id", [2**63, 2**64 + 5, 10**40])
+@pytest.mark.parametrize(
+    "link_id",
+    [str(2**63), str(2**64 + 5), str(10**40), "9" * 5000],
+    ids=["2^63", "2^64+5", "10^40", "5000-digits"],
+)
 async def test_a_link_id_beyond_sqlite_integers_is_a_400(web_settings, link_id):
     async with start_web(web_settings) as web:
         await web.send(urls=(A,))

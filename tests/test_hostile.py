@@ -129,6 +129,10 @@ HOSTILE_MESSAGES = {
     "link text tags": message(HTML, ('<a href="https://x.test/">' + "<b>x" * 20 + "\r\n") * 400),
     "unclosed quote": message(HTML, '<a href="x>\r\n' * 4_000),
     "long placeholder": message(HTML, '<a href="https://x.test/' + "{{" * 20_000 + '">x</a>\r\n'),
+    # Under cpu.THREAD_THRESHOLD (32 KB): read on the event loop itself.
+    "opt-out attributes": message(HTML, '<a href="https://x.test/" ' + "data-notrack y " * 2_000
+                                  + ">x</a>\r\n"),
+    "small unclosed links": message(HTML, '<a href="https://x.test/">x\r\n' * 1_000),
 }  # fmt: skip
 
 

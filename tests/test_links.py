@@ -183,8 +183,10 @@ def reason(href: str, text: str = "Read more", rules: LinkRules = RULES) -> str 
         ("https://example.com:99999/", "Port", "malformed"),
         ("https://example.com:http/", "Port", "malformed"),
         ("http://[2001:db8::zz]/", "IPv6", "malformed"),
-        ("https://a..example/", "Label", "malformed"),
-        ("https://" + "a" * 64 + ".example/", "Label", "malformed"),
+        ("https://example.123/", "Number", "malformed"),  # ends in a number: not IPv4
+        ("http://1.2.3.4.5/", "Number", "malformed"),
+        ("https://ex%20ample.com/", "Space", "malformed"),
+        ("https://%ff.example/", "Bytes", "malformed"),
         ("/pricing", "Pricing", "relative"),
         ("pricing.html", "Pricing", "relative"),
         ("www.example.com", "Example", "relative"),
@@ -218,6 +220,13 @@ def reason(href: str, text: str = "Read more", rules: LinkRules = RULES) -> str 
         ("http://[2001:db8::1]/x", "IPv6", None),
         ("https://user@example.com./x", "FQDN", None),
         ("https://ex_ample.com/x", "Underscore", None),
+        # as browsers take them (UTS-46 without DNS length or hyphen rules)
+        ("https://a..example/", "Empty label", None),
+        ("https://" + "a" * 64 + ".example/", "Long label", None),
+        ("https://☃.net/", "Symbol", None),
+        ("https://-ü.test/", "Hyphen", None),
+        ("https://ex%61mple.com/", "Percent", None),
+        ("https://shop。test/", "Ideographic stop", None),
     ],
 )
 def test_classify_reasons(href, text, expected):

@@ -59,6 +59,7 @@ from support import (
 CAMPAIGN = {"X-Campaign-Id": "reliability", "X-Track-Clicks": "yes"}
 MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[ \t]*<([^>\r\n]*)>")
 TRACKING_URL = re.compile(rb"http://click\.test/c/[A-Za-z0-9_-]{32}")
+BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -890,6 +891,7 @@ class Fuzz:
         assert replies[-1].startswith("250 "), replies
         assert len(self.upstream.received) == before + 1
         forwarded, expected = self.upstream.received[-1].content, normalized(body)
+        assert not BARE_LINE_END.search(forwarded)  # the wire knows no other line end than CRLF
         assert errors_logged(self.caplog) == []
         (decision,) = [d for mid, d, _ in sends_table(self.database) if mid == f"<fuzz-{n}@x>"]
         if forwarded == expected:
@@ -915,7 +917,10 @@ class Fuzz:
             new = mime.decode(forwarded, new_part)
             assert new is not None, entity_bytes(forwarded, new_part)[:500]
             await assert_faithful(
-                old.text.replace("\r\n", "\n"), new.text.replace("\r\n", "\n"), self.relay
+                old.text.replace("\r\n", "\n"),
+                new.text.replace("\r\n", "\n"),
+                self.relay,
+                old.charset,
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email
 import re
 import sqlite3
@@ -190,7 +191,10 @@ async def test_charsets_and_encodings_are_kept(settings, upstream, charset, cte)
         await send(relay.port, raw)
         forwarded = upstream.received[0].content
         (new_html,) = decoded_html(forwarded)
-        assert await assert_faithful(html.replace("\n", "\r\n"), new_html, relay) == 1
+        python_charset = codecs.lookup(charset).name
+        assert (
+            await assert_faithful(html.replace("\n", "\r\n"), new_html, relay, python_charset) == 1
+        )
     assert f"charset={charset}\r\nContent-Transfer-Encoding: {cte}\r\n".encode() in forwarded
 
 

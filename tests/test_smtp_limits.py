@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import logging
 import ssl
 import time
 from dataclasses import replace
@@ -153,3 +154,88 @@ async def test_an_unknown_user_costs_a_password_check_like_a_known_one(
             unknown.append((await login(relay.port, f"127.0.2.{n}", "nobody", "wrong"))[1])
     assert min(unknown) >= 0.5 * min(known)
     assert min(known) > 0.005  # a real scrypt check happened
+
+
+async def test_clients_not_allowed_to_relay_get_half_the_connections_at_most(upstream, settings):
+    """A flood from addresses outside allowed_clients cannot lock the sending systems out."""
+    settings = limited(settings, max_connections=4, max_connections_per_client=0)
+    async with start_relay(settings) as relay:
+        strangers = [await greeting(relay.port, f"127.0.0.{n}") for n in (2, 3, 4)]
+        allowed = [await greeting(relay.port, "127.0.0.1") for _ in range(2)]
+        for _, _, writer in strangers + allowed:
+            writer.close()
+    assert [line[:3] for line, _, _ in strangers] == ["220", "220", "421"]
+    assert [line[:3] for line, _, _ in allowed] == ["220", "220"]
+
+
+async def test_a_slow_sender_and_a_slow_upstream_are_not_idle(upstream, settings):
+    """The idle timeout is for silent sessions: message data trickling in keeps a session
+    alive, and the time the upstream takes to answer the message does not count."""
+    settings = limited(settings, idle_timeout_seconds=0.6)
+    upstream.script.data_delay = 1.2
+    lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % n for n in range(6)]
+    async with start_relay(settings) as relay:
+        client = await RawClient.connect(relay.port)
+        await client.cmd("EHLO c")
+        await client.cmd("MAIL FROM:<s@x.test>")
+        await client.cmd("RCPT TO:<r@x.test>")
+        await client.cmd("DATA")
+        for line in lines:  # a sender on a slow link: 2 s for the message, 0.25 s a line
+            client.writer.write(line)
+            await asyncio.sleep(0.25)
+        final = await client.cmd(".", timeout=10)
+        await client.close()
+    assert final.startswith("250 "), final  # today: the session is cut off mid-message
+    assert upstream.received[0].content.endswith(b"line 5\r\n")
+
+
+async def test_ehlo_does_not_wait_for_an_upstream_that_never_answers(settings):
+    """An upstream that takes the connection and never greets: EHLO waits a moment to learn
+    its extensions, not the upstream timeout (here 30 s)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(reader, writer):
+        held.append(writer)  # accepted, never greeted
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = replace(
+        settings,
+        upstream=replace(settings.upstream, url=replace(settings.upstream.url, port=port),
+                         timeout_seconds=30),
+    )  # fmt: skip
+    async with start_relay(settings) as relay:
+        client = await RawClient.connect(relay.port)
+        started = time.monotonic()
+        first = await client.cmd("EHLO c", timeout=10)
+        second = await client.cmd("EHLO c", timeout=10)
+        elapsed = time.monotonic() - started
+        await client.close()
+    for writer in held:
+        writer.close()
+    server.close()
+    assert first.startswith("250") and second.startswith("250")
+    assert elapsed < 6  # two EHLOs, each waiting at most upstream.PROBE_WAIT (2 s)
+
+
+async def test_broken_tls_handshakes_do_not_flood_the_log(upstream, settings, tls_files, caplog):
+    cert, key = tls_files
+    settings = replace(settings, smtp=replace(settings.smtp, tls_cert=cert, tls_key=key))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    async with start_relay(settings, tls=server_tls) as relay:
+        for _ in range(5):
+            client = await RawClient.connect(relay.port)
+            await client.cmd("EHLO c")
+            assert (await client.cmd("STARTTLS")).startswith("220")
+            client.writer.write(b"\x16\x03\x01\x00\x05garbage, not a TLS hello\r\n" * 4)
+            await asyncio.wait_for(client.reader.read(), 10)  # the relay closes it
+            await client.close()
+        replies = await send(relay.port, message())  # and goes on
+        await until_open(relay, 0)
+        still_open = relay.server.limits.open  # each counted once, released once, TLS or not
+    assert replies[-1].startswith("250 ")
+    assert still_open == 0
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(logged) <= 1, [r.getMessage() for r in logged]
+    assert "Traceback" not in caplog.text

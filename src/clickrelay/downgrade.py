@@ -16,7 +16,6 @@ from clickrelay import edits, mime
 from clickrelay.headers import parse_header_block
 
 QP_CHUNK = 1024 * 1024  # quoted-printable is line by line: encode big bodies a piece at a time
-_IDENTITY = ("", "7bit", "8bit", "binary")
 
 
 class Refused(Exception):
@@ -50,6 +49,8 @@ def seven_bit(message: bytes) -> bytes:
 def _convert(raw: bytes, entity: mime.Entity, changes: list[tuple[int, int, bytes]]) -> None:
     if raw[entity.body_start : entity.end].isascii():
         return
+    if not entity.readable:
+        raise cannot_convert("8-bit data in a part whose header block is too large to read")
     if entity.content_type in mime.SIGNED_OR_ENCRYPTED:
         raise cannot_convert("8-bit data in a signed or encrypted part")
     if entity.children:
@@ -57,7 +58,7 @@ def _convert(raw: bytes, entity: mime.Entity, changes: list[tuple[int, int, byte
         return
     if entity.content_type.startswith(("multipart/", "message/rfc822")):
         raise cannot_convert(f"8-bit data in a {entity.content_type} part it cannot read")
-    if entity.transfer_encoding not in _IDENTITY:
+    if entity.transfer_encoding not in mime.IDENTITY:
         raise cannot_convert(f"8-bit data in a {entity.transfer_encoding} part")
     changes.append((entity.body_start, entity.end, _quoted(raw, entity.body_start, entity.end)))
     header = b"Content-Transfer-Encoding: quoted-printable\r\n"

@@ -87,6 +87,9 @@ _PARAMETER = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*+)(?:=([^=\s\x00-\x1f\x7f]++)
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})++")  # RFC 3461 4: xtext
 _NOTIFY = re.compile(r"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*+", re.I)
 _ORCPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*+;[^\s\x00-\x1f\x7f]++")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*+"')  # a quoted string of a local part
+_UNQUOTED_SPECIAL = re.compile(r"[\s<>]")  # outside one: a path cannot hold these
+_DIGITS = re.compile(r"[0-9]{1,19}")  # (str.isdigit takes "²", which int() does not)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\udc80-\udcff]")  # (and bytes that were not UTF-8)
 
 Check = Callable[[str | None], str | None]  # the value to keep, or None if it is not valid
@@ -103,24 +106,28 @@ def _matching(pattern: re.Pattern[str], limit: int) -> Check:
 
 
 _MAIL = {
-    "SIZE": lambda value: value if value and value.isdigit() and len(value) < 20 else None,
+    "SIZE": lambda value: value if value and _DIGITS.fullmatch(value) else None,
     "BODY": _choice("7BIT", "8BITMIME"),
     "SMTPUTF8": lambda value: "" if value is None else None,
 }
 _MAIL_DSN = {"RET": _choice("FULL", "HDRS"), "ENVID": _matching(_XTEXT, 100)}
+_MAIL_AUTH = {"AUTH": _matching(_XTEXT, 500)}  # RFC 4954 5: a mailbox as xtext, or "<>"
+_NOT_OFFERED = {("BODY", "BINARYMIME")}  # a value of an extension not offered: 555, not 501
 _RCPT_DSN = {"NOTIFY": lambda value: value.upper() if value and _NOTIFY.fullmatch(value) else None,
              "ORCPT": _matching(_ORCPT, 500)}  # fmt: skip
 
 
-def parse_mail(arg: str | None, dsn: bool, esmtp: bool = True) -> MailCommand:
+def parse_mail(arg: str | None, dsn: bool, esmtp: bool = True, auth: bool = False) -> MailCommand:
     """The argument of MAIL ("FROM:<a@b> SIZE=10 ..."); `dsn`: whether DSN was offered, `esmtp`:
-    whether the session began with EHLO (else no parameter is allowed).
+    whether the session began with EHLO (else no parameter is allowed), `auth`: whether AUTH
+    was (RFC 4954's AUTH= is then taken, and not passed on).
 
     Raises ParameterError with the reply for anything that cannot be taken.
     """
     address, parameters = _split(arg, "FROM:", "501 5.5.4 Syntax: MAIL FROM:<address>", esmtp)
     _check_address(address, "5.1.7", allow_empty=True)
-    values = _read(parameters, {**_MAIL, **(_MAIL_DSN if dsn else {})})
+    accepted = {**_MAIL, **(_MAIL_DSN if dsn else {}), **(_MAIL_AUTH if auth else {})}
+    values = _read(parameters, accepted)
     size = values.get("SIZE")
     return MailCommand(
         address=address, size=int(size) if size is not None else None, body=values.get("BODY"),
@@ -144,8 +151,9 @@ def _read(
     values: dict[str, str] = {}
     for keyword, value in parameters:
         check = accepted.get(keyword)
-        if check is None:
-            raise ParameterError(f"555 5.5.4 Unsupported option: {_printable(keyword)}")
+        if check is None or (keyword, (value or "").upper()) in _NOT_OFFERED:
+            option = f"{keyword}={value}" if check is not None else keyword
+            raise ParameterError(f"555 5.5.4 Unsupported option: {printable(option)}")
         if keyword in values:
             raise ParameterError(f"501 5.5.4 Duplicate {keyword} parameter")
         valid = check(value)
@@ -177,7 +185,7 @@ def _split(
     for word in rest.split():
         found = _PARAMETER.fullmatch(word)
         if found is None:
-            raise ParameterError(f"501 5.5.4 Bad parameter syntax: {_printable(word)}")
+            raise ParameterError(f"501 5.5.4 Bad parameter syntax: {printable(word)}")
         parameters.append((found[1].upper(), found[2]))
     return address, parameters
 
@@ -203,9 +211,10 @@ def _check_address(address: str, code: str, *, allow_empty: bool) -> None:
         raise ParameterError(f"501 {code} Bad address syntax: empty address")
     if len(address.encode("utf-8", "surrogateescape")) > MAX_PATH:
         raise ParameterError(f"501 {code} Address too long")
-    if _CONTROL.search(address):
+    if _CONTROL.search(address) or _UNQUOTED_SPECIAL.search(_QUOTED.sub("", address)):
         raise ParameterError(f"501 {code} Bad address syntax")
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """`text` fit to show in a reply or a log line: printable ASCII, at most 64 characters."""
     return "".join(c if " " < c < "\x7f" else "?" for c in text[:64])

@@ -10,7 +10,8 @@ string. Which links there are, and what each href says, follows the tokenizer ev
 - character references in attribute values decoded by the attribute rules: a legacy name
   without ";" before "=" or a letter or digit is not a reference ("&copy=2" stays as written);
 - the content of raw-text elements (title, textarea, style, script, xmp, iframe, noembed,
-  noframes, noscript, plaintext) is text up to their end tag, never markup;
+  noframes, plaintext) is text up to their end tag, never markup (noscript's is markup, as
+  where no script runs: in a mail client);
 - a comment ends at the first "-->" (or "--!>"), an unterminated one at the end of the document.
 
 Outlook's conditional comments (``<!--[if mso]> ... <![endif]-->``) are comments to a browser;
@@ -22,9 +23,9 @@ link, whichever comes first, so no character is read for two links.
 
 Speed and hostile markup: one compiled regular expression skips text and every construct of no
 interest inside the regex engine, and stops only at link tags, raw-text elements and comments
-that may be conditional. Every pattern is possessive or atomic and every construct is read once,
-so the time is linear in the document whatever the markup (tests/test_html_links.py holds it to
-that).
+that may be conditional. The patterns that read markup are possessive or atomic, without two
+ways to read the same text, and every construct is read once, so the time is linear in the
+document whatever the markup (tests/test_html_links.py holds it to that).
 """
 
 from __future__ import annotations
@@ -32,11 +33,18 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from html import unescape
 from html.entities import html5
 from typing import NamedTuple
 
-__all__ = ["Link", "clean_url", "decode_attribute", "find_links", "is_link_name"]
+__all__ = [
+    "OPT_OUT",
+    "Link",
+    "clean_url",
+    "decode_attribute",
+    "decode_text",
+    "find_links",
+    "is_link_name",
+]
 
 
 class Link(NamedTuple):
@@ -97,7 +105,9 @@ def _ascii_case_insensitive(*words: str) -> str:
 
 
 _RCDATA = ("title", "textarea")
-_RAWTEXT = ("style", "xmp", "iframe", "noembed", "noframes", "noscript")
+# (Not noscript: raw text only where scripts run. Mail clients run none and show its content;
+# a browser that runs scripts does not show it, so a link tracked there is never seen.)
+_RAWTEXT = ("style", "xmp", "iframe", "noembed", "noframes")
 _RAW_TEXT = frozenset((*_RCDATA, *_RAWTEXT, "script", "plaintext"))
 _NAME_END = rf"(?![^{_WS}/>])"
 # Start tags the skipping stops at: links, and the elements whose content is not markup.
@@ -165,7 +175,7 @@ def _scan(html: str, pos: int, endpos: int, links: list[Link], top: bool) -> Non
         if stop["comment"]:
             after = _comment(html, pos, endpos, links, top)
         else:
-            name = _ascii_lower(stop["name"])
+            name = _ascii_lower(stop["name"]).replace("\0", "\ufffd")
             if is_link_name(name):
                 after = _link(html, pos, endpos, name, links)
             elif name in _RAW_TEXT:
@@ -328,7 +338,7 @@ def _link_text(html: str, pos: int, endpos: int, name: str) -> str:
         pos = found.end()
         kind = found.lastgroup
         if kind == "text":
-            pieces.append(unescape(found["text"]))
+            pieces.append(decode_text(found["text"]))
             size += len(pieces[-1])
         elif kind == "end" and _ascii_lower(found["end"]) == name:
             break
@@ -373,6 +383,7 @@ def _opt_out_spans(
     even that does not do, nothing is deleted: the spans are empty, the link still opts out.
     """
     stretches: list[tuple[int, int, int]] = []  # separators start, attribute name start, end
+    kept: list[tuple[str, str | None]] = []  # (name, value) of the attributes that stay
     previous_end = tag.name_end
     for a in tag.attributes:
         if a.name in OPT_OUT and _opts_out(a.name, values[a.name]):
@@ -380,6 +391,8 @@ def _opt_out_spans(
                 stretches[-1] = (*stretches[-1][:2], a.end)
             else:
                 stretches.append((previous_end, a.name_start, a.end))
+        else:
+            kept.append((a.name, a.raw))
         previous_end = a.end
     if not stretches:
         return ()
@@ -387,7 +400,7 @@ def _opt_out_spans(
         [(start, end) for start, _, end in stretches],
         [(min(start + 1, name), end) for start, name, end in stretches],
     ):
-        if _reads_the_same_without(html, tag, spans):
+        if _reads_the_same_without(html, tag, spans, kept):
             return tuple(spans)
     return tuple((name, name) for _, name, _ in stretches)
 
@@ -397,21 +410,19 @@ def _opts_out(name: str, value: str) -> bool:
     return wanted is None or value.strip().lower() == wanted
 
 
-def _reads_the_same_without(html: str, tag: _StartTag, spans: list[tuple[int, int]]) -> bool:
-    """Whether the tag with `spans` deleted reads as the tag without those attributes: same
-    name, same other attributes, same self-closing."""
+def _reads_the_same_without(
+    html: str, tag: _StartTag, spans: list[tuple[int, int]], kept: list[tuple[str, str | None]]
+) -> bool:
+    """Whether the tag with `spans` deleted reads as the tag with just the `kept` attributes:
+    same name, same attributes, same self-closing."""
     pieces, pos = [], tag.start
     for start, end in spans:
         pieces.append(html[pos:start])
         pos = end
     text = "".join(pieces) + html[pos : tag.end]
-    match = _START_TAG.fullmatch(text)
-    if match is None:
+    if _START_TAG.fullmatch(text) is None:
         return False
     shorter = _read_start_tag(text, 0, len(text))
-    kept = [
-        (a.name, a.raw) for a in tag.attributes if not any(s <= a.name_start < e for s, e in spans)
-    ]
     return (
         shorter.name_end == tag.name_end - tag.start
         and shorter.self_closing == tag.self_closing
@@ -461,25 +472,37 @@ def decode_attribute(raw: str) -> str:
         return raw
     if raw.count("&") == raw.count("&amp;"):  # the usual URL with every "&" written "&amp;"
         return raw.replace("&amp;", "&")
-    return _REFERENCE.sub(functools.partial(_reference, raw), raw)
+    return _REFERENCE.sub(functools.partial(_reference, raw, True), raw)
 
 
-def _reference(raw: str, found: re.Match[str]) -> str:
+def decode_text(raw: str) -> str:
+    """Text (not an attribute value) as a browser decodes its character references."""
+    if "&" not in raw:
+        return raw
+    return _REFERENCE.sub(functools.partial(_reference, raw, False), raw)
+
+
+def _reference(raw: str, in_attribute: bool, found: re.Match[str]) -> str:
     hexadecimal, decimal, name, semicolon = found.groups()
     if name is None:
-        return _numeric(int(hexadecimal, 16) if hexadecimal is not None else int(decimal))
+        return _numeric(hexadecimal, 16) if hexadecimal is not None else _numeric(decimal, 10)
     if semicolon and name + ";" in _NAMED:
         return html5[name + ";"]
     for size in range(min(len(name), _LEGACY_LONGEST), 1, -1):
         if name[:size] in _LEGACY:
             after = name[size:] or semicolon or raw[found.end() : found.end() + 1]
-            if after[:1] == "=" or _ALNUM.match(after[:1]):
+            if in_attribute and (after[:1] == "=" or _ALNUM.match(after[:1])):
                 return found.group()  # in an attribute, "&copy=" is not a reference
             return html5[name[:size]] + name[size:] + semicolon
     return found.group()
 
 
-def _numeric(codepoint: int) -> str:
+def _numeric(digits: str, base: int) -> str:
+    """The character a numeric reference stands for (the spec's replacements for 0, surrogates,
+    code points past Unicode's and the C1 controls). Digits past eight mean a number past
+    Unicode's, however many: no need to make an int of them (nor to hit Python's limit)."""
+    digits = digits.lstrip("0")
+    codepoint = int(digits, base) if 0 < len(digits) <= 8 else 0 if not digits else 0x110000
     if codepoint == 0 or codepoint > 0x10FFFF or 0xD800 <= codepoint <= 0xDFFF:
         return "\ufffd"
     return _C1.get(codepoint) or chr(codepoint)

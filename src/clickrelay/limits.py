@@ -209,8 +209,9 @@ class AuthThrottle:
     a time (the others wait their turn), so concurrent guesses do not slip past the delay. At
     most `size` addresses are remembered (least recently seen forgotten first).
 
-    Use: `await before(ip)`, check the password, then exactly one of `failed(ip)` or
-    `succeeded(ip)` (also when the check is cancelled: count that as a failure).
+    Use: `await before(ip)`, check the password, then exactly one of `failed(ip)`,
+    `succeeded(ip)` or, if no check could be made, `unjudged(ip)` (a cancelled check counts as
+    a failure).
     """
 
     def __init__(
@@ -254,6 +255,11 @@ class AuthThrottle:
         client = self._client(ip)
         client.failures = 0
         self._done(client)
+
+    def unjudged(self, ip: str | None) -> None:
+        """No check was made after `before(ip)` (the password pool was full): end the turn and
+        count nothing, neither way."""
+        self._done(self._client(ip))
 
     def delay(self, ip: str | None) -> float:
         """Seconds the next attempt from `ip` would wait now (0 if none)."""

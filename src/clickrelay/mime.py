@@ -28,7 +28,7 @@ MAX_PARTS = 1000  # entities read in one message; the parts past them are left u
 MAX_LINE = 998  # RFC 5322: octets per line, without CRLF, for 7bit/8bit
 SIGNED_OR_ENCRYPTED = {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
                        "application/x-pkcs7-mime"}  # fmt: skip
-_IDENTITY = {"", "7bit", "8bit", "binary"}
+IDENTITY = frozenset({"", "7bit", "8bit", "binary"})  # transfer encodings that encode nothing
 _ROUND_TRIP_CODECS = {"utf-8", "ascii", "iso8859-1"}  # codecs.lookup(...).name of each
 _BIT_VARIANTS = re.compile(r"[78]-?bits?")
 _header_parser = BytesHeaderParser()
@@ -43,6 +43,7 @@ class Entity:
     end: int
     headers: Message
     children: list[Entity] = field(default_factory=list)
+    readable: bool = True  # False: its header block is over the limit, the entity unread
 
     @functools.cached_property  # asked for several times a message, and parsed each time
     def content_type(self) -> str:
@@ -87,7 +88,7 @@ class _Parser:
         if not block.complete:
             headers = Message()
             headers.set_default_type("application/octet-stream")
-            return Entity(start, start, end, headers)
+            return Entity(start, start, end, headers, readable=False)
         headers = _headers(raw, start, block)
         headers.set_default_type(default_type)
         entity = Entity(start, block.body_start, end, headers)
@@ -199,7 +200,7 @@ def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
     body = raw[entity.body_start : entity.end]
     encoding = entity.transfer_encoding
     try:
-        if encoding in _IDENTITY:
+        if encoding in IDENTITY:
             data = body
         elif encoding == "quoted-printable":
             data = binascii.a2b_qp(body)
@@ -296,13 +297,28 @@ def _ascii_line_breaks(charset: str) -> bool:
 
 
 def quoted_printable(data: bytes, textual: bool) -> bytes:
-    """`data` quoted-printable; `textual`: its line breaks are the bytes CRLF (or LF), kept."""
-    if textual:
-        return binascii.b2a_qp(data, istext=True)
-    # Every byte quoted, but a final CRLF (the body's own last line break, which the decoded
-    # data keeps) stays a line break, or re-encoding would add one more each time.
-    end = len(data) - 2 if data.endswith(b"\r\n") else len(data)
-    return binascii.b2a_qp(data[:end], istext=False) + data[end:]
+    """`data` quoted-printable, its lines ended by CRLF only, as the wire needs them.
+
+    `textual`: its CRLFs are line breaks and stay so; any other CR or LF byte is quoted (=0D,
+    =0A), as is every byte of data that is not textual (UTF-16, where 0x0A can be half of any
+    character) but a final CRLF, the body's own last line break (re-encoding would otherwise
+    add one more each time).
+    """
+    if not textual:
+        end = len(data) - 2 if data.endswith(b"\r\n") else len(data)
+        return _crlf_soft_breaks(binascii.b2a_qp(data[:end], istext=False)) + data[end:]
+    ends = data.count(b"\r\n")
+    if ends and data.count(b"\n") == ends and data.count(b"\r") == ends:
+        return binascii.b2a_qp(data, istext=True)  # it breaks lines as the first break does
+    return b"\r\n".join(
+        _crlf_soft_breaks(binascii.b2a_qp(line, istext=False)) for line in data.split(b"\r\n")
+    )
+
+
+def _crlf_soft_breaks(encoded: bytes) -> bytes:
+    """b2a_qp ends soft line breaks with LF alone unless its input's first line break is a CRLF
+    (in its output "=\n" is always a soft break: "=" and LF in the data are quoted)."""
+    return encoded.replace(b"=\n", b"=\r\n")
 
 
 # A line break that is not a soft one (the "=" of "=\r\n" or "=\n" hides the break from the text).
@@ -326,10 +342,10 @@ def _requoted(part: DecodedPart, text: str, data: bytes, edits: Sequence[Edit]) 
         if last >= len(encoded):
             return None
         pieces += encoded[kept:first]
-        # With a "\n" after it, so that b2a_qp sees a CRLF end as one: it comes off again, as
-        # the lines are joined with it.
+        # With a "\n" after it, so that its CRLF end is one: it comes off again, as the lines
+        # are joined with it.
         lines = text[start:end].encode(part.charset) + b"\n"
-        pieces.append(binascii.b2a_qp(lines, istext=True)[:-1])
+        pieces.append(quoted_printable(lines, textual=True)[:-1])
         kept = last + 1
     pieces += encoded[kept:]
     result = b"\n".join(pieces)

@@ -63,6 +63,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+class Busy(Exception):
+    """The password pool is full (a flood of logins?): no check was made; try again later."""
+
+
 class _Checker:
     """The bounded pool behind `check` (one per process, shared by every event loop)."""
 
@@ -79,7 +83,7 @@ class _Checker:
                 f"password check refused: {self.waiting} checks already waiting "
                 "(a flood of login attempts?)"
             )
-            return False
+            raise Busy
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clickrelay-password")
         self.waiting += 1
@@ -99,6 +103,7 @@ async def check(password: str, hashed: str | None) -> bool:
 
     `hashed is None` (an unknown user) is verified against `DUMMY_HASH` and is False, so that a
     wrong user name takes as long as a wrong password (no user enumeration by timing). With
-    `MAX_WAITING_CHECKS` checks running or queued, answers False at once (logged once a minute).
+    `MAX_WAITING_CHECKS` checks running or queued, raises Busy at once (logged once a minute):
+    the caller answers "try later", and counts no failure against anyone.
     """
     return await _checker.check(password, hashed)

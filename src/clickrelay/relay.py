@@ -19,7 +19,6 @@ import binascii
 import collections
 import ipaddress
 import logging
-import re
 import secrets
 import socket
 import ssl
@@ -27,20 +26,36 @@ import time
 from email.utils import formatdate
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
-from clickrelay import passwords
+from clickrelay import cpu, passwords
 from clickrelay.config import Settings
-from clickrelay.esmtp import MailCommand, ParameterError, RcptCommand, parse_mail, parse_rcpt
-from clickrelay.limits import AuthThrottle, ConnectionLimits
-from clickrelay.upstream import Reply, Transaction, Upstream
+from clickrelay.esmtp import (
+    MailCommand,
+    ParameterError,
+    RcptCommand,
+    parse_mail,
+    parse_rcpt,
+    printable,
+)
+from clickrelay.limits import AuthThrottle, ConnectionLimits, LogThrottle, in_networks
+from clickrelay.upstream import Reply, Transaction, Upstream, crlf
 
 log = logging.getLogger(__name__)
 
 # Lines a client sent, which may hold credentials (an AUTH blob sent after a refusal reads as an
-# unknown command): aiosmtpd logs them in these records; they are dropped.
+# unknown command), and replies that echo them ('500 Error: command "<BLOB>" not recognized'):
+# aiosmtpd logs them in these records; they are dropped.
 _CLIENT_LINE_RECORDS = frozenset({
-    "_handle_client readline: %r", "%r >> %r", "%r unrecognised: %s",
+    "_handle_client readline: %r", "%r >> %r", "%r << %r", "%r unrecognised: %s",
     "%r can't decode base64: %s", "DATA readline: %s", "%r << challenge: %r",
 })  # fmt: skip
 
@@ -86,10 +101,13 @@ class RelayServer:
         self.hostname = smtp.hostname or socket.getfqdn()
         self.handler = RelayHandler(self)
         self.connections: set[RelaySMTP] = set()
-        # Like Postfix's mynetworks, the clients allowed to relay skip the per-client cap.
-        self.limits = ConnectionLimits(
-            smtp.max_connections, smtp.max_connections_per_client, smtp.allowed_clients, "smtp"
+        self.limits = ConnectionLimits(smtp.max_connections, 0, name="smtp")
+        # Clients not allowed to relay (they may still authenticate) have a cap per address,
+        # and half the total at most: a flood of them cannot lock the sending systems out.
+        self.strangers = ConnectionLimits(
+            smtp.max_connections // 2, smtp.max_connections_per_client, name="smtp"
         )
+        self.refusals = LogThrottle(log, "refused")
         self.auth_throttle = AuthThrottle()
         self.closing = False
         self._server: asyncio.Server | None = None
@@ -101,6 +119,25 @@ class RelayServer:
         self._server = await asyncio.get_running_loop().create_server(
             self._new_connection, listen.host, listen.port
         )
+
+    def allowed(self, address: str | None) -> bool:
+        return in_networks(address, self.settings.smtp.allowed_clients)
+
+    def admit(self, address: str | None) -> bool:
+        """Count a new connection from `address`, or refuse it (False) if over a cap."""
+        if self.allowed(address):
+            return self.limits.admit(address)
+        if not self.strangers.admit(address):
+            return False
+        if self.limits.admit(address):
+            return True
+        self.strangers.release(address)
+        return False
+
+    def release(self, address: str | None) -> None:
+        self.limits.release(address)
+        if not self.allowed(address):
+            self.strangers.release(address)
 
     @property
     def port(self) -> int:
@@ -144,6 +181,7 @@ class RelayServer:
 
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 UNDECLARED_UNICODE = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"  # as Postfix
+AUTH_BUSY = "454 4.7.0 Temporary authentication failure, try again later"  # RFC 4954
 
 
 class RelaySMTP(SMTP):
@@ -162,12 +200,12 @@ class RelaySMTP(SMTP):
         self.dsn_offered = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._admitted: str | None = None  # the peer address counted in relay.limits
+        self._admitted: str | None = None  # the peer address counted by relay.admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the second call, after STARTTLS
             peer = _peer_address(transport.get_extra_info("peername"))
-            if not self.relay.limits.admit(peer):
+            if not self.relay.admit(peer):
                 transport.write(TOO_MANY)  # type: ignore[attr-defined]
                 transport.close()
                 return
@@ -178,7 +216,7 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted is None:  # refused at once: aiosmtpd never started
             return
-        self.relay.limits.release(self._admitted or None)
+        self.relay.release(self._admitted or None)
         self._admitted = None
         self.relay.connections.discard(self)
         if self.transaction is not None:
@@ -219,7 +257,9 @@ class RelaySMTP(SMTP):
         if self.transaction is not None:
             return "503 5.5.1 Error: nested MAIL command"
         try:
-            mail = parse_mail(arg, self.dsn_offered, self.session.extended_smtp)
+            mail = parse_mail(
+                arg, self.dsn_offered, self.session.extended_smtp, auth=self.auth_offered()
+            )
         except ParameterError as error:
             return error.reply
         if self.data_size_limit and (mail.size or 0) > self.data_size_limit:
@@ -263,14 +303,17 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content = await self._read_content()
+        self._timeout_handle.cancel()  # the idle timer waits again once the reply is out
         if content is None:
             status = "552 5.3.4 Message exceeds the fixed maximum message size"
         else:
-            self.envelope.content = self.envelope.original_content = canonical(content)
+            content = await cpu.run(len(content), canonical, content)
+            self.envelope.content = self.envelope.original_content = content
             status = await self._call_handler_hook("DATA")
         await self.end_transaction(aborted=True)  # if the handler has not: refused here
         self._set_post_data_state()
         await self.push(status)
+        self._reset_timeout()
 
     async def _read_content(self) -> bytes | None:
         """The message up to the lone dot, dot-unstuffed; None if it exceeded the size limit
@@ -280,7 +323,13 @@ class RelaySMTP(SMTP):
         too_big = False
         line_start = True  # only a dot after CRLF is special (RFC 5321 4.5.2)
         after_cr = False  # the previous piece ended in CR: a lone LF now ends a CRLF line
+        # Data arriving is no idle session: the idle timer starts again (once in a while, not
+        # for every line of a big message).
+        timer_set, every = self.loop.time(), min(1.0, self._timeout_duration / 4)
         while True:
+            if self.loop.time() - timer_set > every:
+                self._reset_timeout()
+                timer_set = self.loop.time()
             try:
                 piece = await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
@@ -308,6 +357,8 @@ class RelaySMTP(SMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
         if not self.auth_offered():
             await self.push("503 5.5.1 Error: authentication not enabled")
             return
@@ -347,14 +398,18 @@ class RelaySMTP(SMTP):
         peer = _peer_address(self.session.peer if self.session else None)
         throttle = self.relay.auth_throttle
         await throttle.before(peer)
-        ok = False
         try:
             hashed = self.relay.settings.smtp.users.get(name)
             ok = await passwords.check(password.decode("utf-8", "surrogateescape"), hashed)
-        finally:
-            (throttle.succeeded if ok else throttle.failed)(peer)
+        except passwords.Busy:
+            throttle.unjudged(peer)
+            return AuthResult(success=False, handled=False, message=AUTH_BUSY)
+        except BaseException:  # cancelled counts as failed: hanging up must not dodge delays
+            throttle.failed(peer)
+            raise
+        (throttle.succeeded if ok else throttle.failed)(peer)
         if not ok:
-            log.warning("AUTH failed for user %r from %s", _printable(name), peer)
+            log.warning("AUTH failed for user %r from %s", printable(name), peer)
         return AuthResult(success=ok, handled=False, auth_data=LoginPassword(login, b""))
 
 
@@ -375,7 +430,8 @@ class RelayHandler:
         await server.end_transaction(aborted=True)  # EHLO resets the transaction too
         upstream = self.relay.upstream
         # (a client that may not relay makes no connection upstream)
-        offered = await upstream.extensions() if self._allowed(session) else upstream.offered
+        allowed = self.relay.allowed(_peer_address(session.peer))
+        offered = await upstream.extensions() if allowed else upstream.offered
         server.dsn_offered = offered is not None and offered.dsn
         keywords = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
         if server.dsn_offered:
@@ -396,8 +452,10 @@ class RelayHandler:
         if self.relay.closing:
             asyncio.get_running_loop().call_soon(server.close)
             return "421 4.3.2 Service shutting down, try again later"
-        if not (session.authenticated or self._allowed(session)):
-            log.warning("refused client %s: not in smtp.allowed_clients", _peer_ip(session))
+        if not (session.authenticated or self.relay.allowed(_peer_address(session.peer))):
+            self.relay.refusals.event(
+                f"refused client {_peer_address(session.peer)}: not in smtp.allowed_clients"
+            )
             return "554 5.7.1 Relay access denied: client not allowed"
         reply, transaction = await self.relay.upstream.begin(mail)
         if transaction is not None:
@@ -449,18 +507,22 @@ class RelayHandler:
             await server.end_transaction(aborted=reply is None or not reply.ok)
         return data_reply(reply)
 
-    def _allowed(self, session: Session) -> bool:
-        ip = _peer_ip(session)
-        if ip is None:
-            return False
-        return any(ip in net for net in self.relay.settings.smtp.allowed_clients)
+    async def handle_exception(self, error: Exception) -> str:
+        """A command that failed on the relay's side. A client's broken TLS handshake (or its
+        connection gone) is logged once a minute at most, with no traceback: clients cause
+        those at will; anything else is a bug, logged in full."""
+        if isinstance(error, ssl.SSLError | ConnectionError | TLSSetupException):
+            self.relay.refusals.event(f"SMTP session ended: {type(error).__name__}: {error}")
+        else:
+            log.exception("SMTP command failed")
+        return "500 5.3.0 Error: the command could not be processed"
 
     def _trace(self, session: Session, envelope: Envelope) -> bytes:
         if not self.relay.settings.smtp.received_header:
             return b""
         helo = "".join(c for c in (session.host_name or "unknown") if 32 < ord(c) < 127)[:100]
         line = (
-            f"Received: from {helo} ([{_peer_ip(session)}])\r\n"
+            f"Received: from {helo} ([{_peer_address(session.peer)}])\r\n"
             f"\tby {self.relay.hostname} (clickrelay) with {_protocol(session, envelope)}"
             f" id {secrets.token_hex(6)};\r\n\t{formatdate(localtime=False, usegmt=True)}\r\n"
         )
@@ -486,9 +548,6 @@ def data_reply(reply: Reply | None) -> str:
     return f"451 4.4.0 Upstream deferred the message, try again later ({reply.first_line})"
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
 def canonical(message: bytes) -> bytes:
     """The message as the relay reads it and writes it on, made so once at the door:
 
@@ -503,15 +562,7 @@ def canonical(message: bytes) -> bytes:
     if b"\0" in message:
         log.warning("removed %d NUL character(s) from a message", message.count(b"\0"))
         message = message.replace(b"\0", b"")
-    ends = message.count(b"\r\n")
-    if message.count(b"\n") == ends and message.count(b"\r") == ends:
-        return message
-    return _LINE_END.sub(b"\r\n", message)
-
-
-def _peer_ip(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    address = _peer_address(session.peer)
-    return ipaddress.ip_address(address) if address is not None else None
+    return crlf(message)
 
 
 def _peer_address(peer: object) -> str | None:
@@ -525,7 +576,3 @@ def _peer_address(peer: object) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:100])

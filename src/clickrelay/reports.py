@@ -282,7 +282,8 @@ class BasicAuth:
 
     async def check(self, header: str | None, ip: str | None) -> bool:
         """Whether `header` carries the right credentials. No header is no attempt (a browser
-        asks without one first); anything else is an attempt from `ip`."""
+        asks without one first); anything else is an attempt from `ip`. Raises passwords.Busy
+        when no check could be made."""
         if not header:
             return False
         await self.throttle.before(ip)
@@ -290,8 +291,13 @@ class BasicAuth:
         try:
             credentials = _basic_credentials(header)
             ok = credentials is not None and await self._verify(*credentials)
-        finally:  # a cancelled check counts as failed: hanging up must not dodge the delays
-            (self.throttle.succeeded if ok else self.throttle.failed)(ip)
+        except passwords.Busy:
+            self.throttle.unjudged(ip)
+            raise
+        except BaseException:  # cancelled counts as failed: hanging up must not dodge delays
+            self.throttle.failed(ip)
+            raise
+        (self.throttle.succeeded if ok else self.throttle.failed)(ip)
         return ok
 
     async def _verify(self, user: str, password: str) -> bool:
@@ -343,7 +349,13 @@ def guarded(settings: Settings) -> Callable[[Handler], Handler]:
             ip = forwarded_client(
                 request.remote, request.headers.get("X-Forwarded-For", ""), trusted
             )
-            if not await auth.check(request.headers.get("Authorization"), ip):
+            try:
+                admitted = await auth.check(request.headers.get("Authorization"), ip)
+            except passwords.Busy:
+                response = _plain(503, "Too many logins at once; try again shortly.\n")
+                response.headers["Retry-After"] = "5"
+                return response
+            if not admitted:
                 response = _plain(401, "Authentication required.\n")
                 response.headers["WWW-Authenticate"] = 'Basic realm="clickrelay", charset="UTF-8"'
                 return response
@@ -449,7 +461,8 @@ class Reports:
     async def _contacts(self, request: web.Request, limit: int, after: str | None) -> ContactPage:
         """A page of the link's contacts. The first brings the counters up to date; the pages
         after it go on from there."""
-        link_id = int(request.match_info["link_id"])
+        digits = request.match_info["link_id"]
+        link_id = int(digits) if len(digits) <= 19 else MAX_ID + 1  # (no int of 5,000 digits)
         if link_id > MAX_ID:
             raise web.HTTPBadRequest(text=f"Bad request: no link has an id above {MAX_ID}.\n")
         if not after:

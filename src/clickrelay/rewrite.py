@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from clickrelay import links, mime
+from clickrelay import links, mime, urls
 from clickrelay.links import Link, LinkRules
 
 
@@ -80,9 +80,18 @@ def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | N
         decoded = mime.decode(message, entity)
         if decoded is None:
             continue
-        found = links.find_links(decoded.text)
-        parts.append(PartPlan(decoded, [(link, links.classify(link, rules)) for link in found]))
+        judged = [_as_opened(link, links.classify(link, rules), decoded.charset)
+                  for link in links.find_links(decoded.text)]  # fmt: skip
+        parts.append(PartPlan(decoded, judged))
     return RewritePlan(message, parts, left_alone=len(entities) - len(parts))
+
+
+def _as_opened(link: Link, reason: str | None, charset: str) -> tuple[Link, str | None]:
+    """A link to track with the URL a browser opens from a part in `charset` (its query in
+    that charset); the URL of one left alone as it was found."""
+    if reason is not None:
+        return link, reason
+    return link._replace(url=urls.encode_query(link.url, charset)), reason
 
 
 def list_unsubscribe_urls(value: str) -> frozenset[str]:

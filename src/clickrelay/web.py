@@ -185,6 +185,7 @@ REFUSED = (
 LINGER_SECONDS = 2.0
 MAX_LINGERING = 64
 BACKLOG = 1024  # a burst of clicks (a newsletter just sent) queues here rather than retrying SYNs
+TLS_HANDSHAKE_SECONDS = 10.0
 
 
 def limited_site(
@@ -225,9 +226,13 @@ class LimitedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        # (Over TLS the gate sees a connection once its handshake is done: until then it is
+        # uncounted, so a handshake gets little time.)
+        handshake = TLS_HANDSHAKE_SECONDS if self._ssl_context is not None else None
         self._server = await loop.create_server(
             lambda: _Gate(server, self._limits, self._refused),
             self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=handshake,
         )  # fmt: skip
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
