@@ -123,9 +123,10 @@ class RelayServer:
     def allowed(self, address: str | None) -> bool:
         return in_networks(address, self.settings.smtp.allowed_clients)
 
-    def admit(self, address: str | None) -> bool:
-        """Count a new connection from `address`, or refuse it (False) if over a cap."""
-        if self.allowed(address):
+    def admit(self, address: str | None, allowed: bool) -> bool:
+        """Count a new connection from `address` (`allowed`: in allowed_clients), or refuse it
+        (False) if over a cap."""
+        if allowed:
             return self.limits.admit(address)
         if not self.strangers.admit(address):
             return False
@@ -134,9 +135,9 @@ class RelayServer:
         self.strangers.release(address)
         return False
 
-    def release(self, address: str | None) -> None:
+    def release(self, address: str | None, allowed: bool) -> None:
         self.limits.release(address)
-        if not self.allowed(address):
+        if not allowed:
             self.strangers.release(address)
 
     @property
@@ -200,31 +201,34 @@ class RelaySMTP(SMTP):
         self.dsn_offered = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._admitted: str | None = None  # the peer address counted by relay.admit
+        self.peer: str | None = None  # the client's IP address
+        self.allowed = False  # it is in smtp.allowed_clients
+        self.admitted = False  # counted by relay.admit (until connection_lost)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the second call, after STARTTLS
-            peer = _peer_address(transport.get_extra_info("peername"))
-            if not self.relay.admit(peer):
+            self.peer = _peer_address(transport.get_extra_info("peername"))
+            self.allowed = self.relay.allowed(self.peer)
+            if not self.relay.admit(self.peer, self.allowed):
                 transport.write(TOO_MANY)  # type: ignore[attr-defined]
                 transport.close()
                 return
-            self._admitted = peer or ""
+            self.admitted = True
             self.relay.connections.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._admitted is None:  # refused at once: aiosmtpd never started
+        if not self.admitted:  # refused at once: aiosmtpd never started
             return
-        self.relay.release(self._admitted or None)
-        self._admitted = None
+        self.relay.release(self.peer, self.allowed)
+        self.admitted = False
         self.relay.connections.discard(self)
         if self.transaction is not None:
             asyncio.get_running_loop().create_task(self.end_transaction(aborted=True))
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        if self._admitted is None:
+        if not self.admitted:
             return False
         return super().eof_received()
 
@@ -395,7 +399,7 @@ class RelaySMTP(SMTP):
 
     async def _check_password(self, login: bytes, password: bytes) -> AuthResult:
         name = login.decode("utf-8", "replace")
-        peer = _peer_address(self.session.peer if self.session else None)
+        peer = self.peer
         throttle = self.relay.auth_throttle
         await throttle.before(peer)
         try:
@@ -430,8 +434,7 @@ class RelayHandler:
         await server.end_transaction(aborted=True)  # EHLO resets the transaction too
         upstream = self.relay.upstream
         # (a client that may not relay makes no connection upstream)
-        allowed = self.relay.allowed(_peer_address(session.peer))
-        offered = await upstream.extensions() if allowed else upstream.offered
+        offered = await upstream.extensions() if server.allowed else upstream.offered
         server.dsn_offered = offered is not None and offered.dsn
         keywords = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
         if server.dsn_offered:
@@ -452,10 +455,8 @@ class RelayHandler:
         if self.relay.closing:
             asyncio.get_running_loop().call_soon(server.close)
             return "421 4.3.2 Service shutting down, try again later"
-        if not (session.authenticated or self.relay.allowed(_peer_address(session.peer))):
-            self.relay.refusals.event(
-                f"refused client {_peer_address(session.peer)}: not in smtp.allowed_clients"
-            )
+        if not (session.authenticated or server.allowed):
+            self.relay.refusals.event(f"refused client {server.peer}: not in smtp.allowed_clients")
             return "554 5.7.1 Relay access denied: client not allowed"
         reply, transaction = await self.relay.upstream.begin(mail)
         if transaction is not None:
@@ -489,7 +490,7 @@ class RelayHandler:
             if prepared.refusal is not None:
                 log.info("smtp refused %s: %s", prepared.log_fields(), prepared.refusal)
                 return prepared.refusal
-            pieces = [self._trace(session, envelope), prepared.message]
+            pieces = [self._trace(server, session, envelope), prepared.message]
             reply = await transaction.data(pieces)
             await self.relay.pipeline.forwarded(prepared, reply)
             log.info(
@@ -517,12 +518,12 @@ class RelayHandler:
             log.exception("SMTP command failed")
         return "500 5.3.0 Error: the command could not be processed"
 
-    def _trace(self, session: Session, envelope: Envelope) -> bytes:
+    def _trace(self, server: RelaySMTP, session: Session, envelope: Envelope) -> bytes:
         if not self.relay.settings.smtp.received_header:
             return b""
         helo = "".join(c for c in (session.host_name or "unknown") if 32 < ord(c) < 127)[:100]
         line = (
-            f"Received: from {helo} ([{_peer_address(session.peer)}])\r\n"
+            f"Received: from {helo} ([{server.peer}])\r\n"
             f"\tby {self.relay.hostname} (clickrelay) with {_protocol(session, envelope)}"
             f" id {secrets.token_hex(6)};\r\n\t{formatdate(localtime=False, usegmt=True)}\r\n"
         )

@@ -54,7 +54,7 @@ class Reply:
 
     @property
     def first_line(self) -> str:
-        return f"{self.code} {self.text.partition(chr(10))[0]}"
+        return f"{self.code} {self.text.split(NEWLINE, 1)[0]}"
 
 
 def unavailable(problem: str) -> Reply:
@@ -62,6 +62,7 @@ def unavailable(problem: str) -> Reply:
     return Reply(451, f"4.4.1 Upstream unavailable, try again later ({problem})")
 
 
+NEWLINE = "\n"  # (no backslash inside an f-string's braces before Python 3.12)
 NEEDS_SMTPUTF8 = "5.6.7 SMTPUTF8 is required, but was not offered by the upstream"
 
 
