@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 
 from newsletter import newsletter  # noqa: E402
 
-from clickrelay.html_links import find_links  # noqa: E402
+from clickrelay.tracking.html_links import find_links  # noqa: E402
 
 DEFAULT_CORPUS = Path(os.environ.get("CLICKRELAY_CORPUS", HERE.parent.parent / "shared" / "corpus"))
 

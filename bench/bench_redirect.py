@@ -59,8 +59,8 @@ def pinned(cpu: int) -> list[str]:
 
 async def seed(folder: Path, sends: int, links: int) -> list[str]:
     """A database with `sends` sends of one campaign; returns one token per (send, link)."""
-    from clickrelay.store import NewSend, open_store
-    from clickrelay.tokens import Signer, load_secret
+    from clickrelay.storage.sqlite import NewSend, open_store
+    from clickrelay.tracking.tokens import Signer, load_secret
 
     store = await open_store(folder / "db.sqlite3")
     signer = Signer(load_secret(folder / "secret"), store.instance_id)

@@ -33,11 +33,11 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from clickrelay.clicks import ClickRecorder
 from clickrelay.config import ReportsSettings, Settings, StorageSettings, TrackingSettings
-from clickrelay.store import NewClick, NewSend, SQLiteStore, open_store
-from clickrelay.tokens import Signer, load_secret
-from clickrelay.web import create_app, runner
+from clickrelay.storage.sqlite import NewClick, NewSend, SQLiteStore, open_store
+from clickrelay.tracking.tokens import Signer, load_secret
+from clickrelay.web.app import create_app, runner
+from clickrelay.web.recorder import ClickRecorder
 
 CAMPAIGN = "bench-2026"
 LINKS = 50

@@ -28,8 +28,9 @@ sys.path.insert(0, str(HERE))
 
 from newsletter import newsletter  # noqa: E402
 
-from clickrelay import links, mime, rewrite, urls  # noqa: E402
-from clickrelay.links import LinkRules  # noqa: E402
+from clickrelay.mail import mime  # noqa: E402
+from clickrelay.tracking import links, rewrite, urls  # noqa: E402
+from clickrelay.tracking.links import LinkRules  # noqa: E402
 
 RULES = LinkRules(public_url="https://click.example.com")
 TRACKING = "https://click.example.com/c/" + "T" * 32

@@ -44,7 +44,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 from bench_rewrite import campaign_message  # noqa: E402
 from newsletter import newsletter  # noqa: E402
 
-from clickrelay.upstream import dot_stuff  # noqa: E402
+from clickrelay.smtp.upstream import dot_stuff  # noqa: E402
 
 PUBLIC_URL = "https://click.example.com"
 TRACKING_PREFIX = PUBLIC_URL.encode() + b"/c/"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from clickrelay import mime
 from clickrelay.config import (
     HostPort,
     Settings,
@@ -25,11 +24,12 @@ from clickrelay.config import (
     UpstreamURL,
     WebSettings,
 )
-from clickrelay.pipeline import MessagePipeline
-from clickrelay.relay import RelayServer
-from clickrelay.store import SQLiteStore, open_store
-from clickrelay.tokens import Signer, load_secret
-from clickrelay.upstream import create_upstream
+from clickrelay.mail import mime
+from clickrelay.smtp.pipeline import MessagePipeline
+from clickrelay.smtp.relay import RelayServer
+from clickrelay.smtp.upstream import create_upstream
+from clickrelay.storage.sqlite import SQLiteStore, open_store
+from clickrelay.tracking.tokens import Signer, load_secret
 
 LOOPBACK = "127.0.0.1"
 BROWSER = (
@@ -415,8 +415,8 @@ async def assert_faithful(
     resolved through the token and the database, to the URL a browser opens from a document in
     `charset`), and all text between links is identical. Returns the number of tracking links.
     """
-    from clickrelay.links import find_links, splice
-    from clickrelay.urls import encode_query
+    from clickrelay.tracking.links import find_links, splice
+    from clickrelay.tracking.urls import encode_query
 
     before = find_links(original)
     expected = splice(original, [(link, None) for link in before])  # opt-out attributes gone
@@ -460,7 +460,7 @@ class RunningWeb:
         """Record a tracked send (as the relay would); its id and its link ids by URL."""
         import time
 
-        from clickrelay.store import NewSend
+        from clickrelay.storage.sqlite import NewSend
 
         sent_at = time.time() - 3600 if sent_at is None else sent_at
         recorded = await self.store.record_send(NewSend(
@@ -499,9 +499,9 @@ async def start_web(settings: Settings, store_wrapper=None) -> AsyncIterator[Run
     import aiohttp
     from aiohttp import web as aioweb
 
-    from clickrelay.clicks import ClickRecorder
-    from clickrelay.web import create_app
-    from clickrelay.web import runner as make_runner
+    from clickrelay.web.app import create_app
+    from clickrelay.web.app import runner as make_runner
+    from clickrelay.web.recorder import ClickRecorder
 
     store = await open_store(settings.storage.database)
     signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 
-from clickrelay import mime
+from clickrelay.mail import mime
 
 from support import (
     assert_faithful,

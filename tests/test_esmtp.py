@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from clickrelay.esmtp import ParameterError, parse_mail, parse_rcpt
 from clickrelay.passwords import hash_password
+from clickrelay.smtp.esmtp import ParameterError, parse_mail, parse_rcpt
 
 from support import RawClient, ScriptedUpstream, message, relay_settings, start_relay
 

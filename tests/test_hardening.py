@@ -24,7 +24,7 @@ import pytest
 from clickrelay import config, passwords
 from clickrelay.config import _networks
 from clickrelay.passwords import hash_password
-from clickrelay.store import NewSend, open_store
+from clickrelay.storage.sqlite import NewSend, open_store
 
 from support import BROWSER, ServiceProcess, basic_auth, free_port, start_web, write_config
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickrelay import mime
 from clickrelay.config import HeaderNames
-from clickrelay.headers import (
+from clickrelay.mail import mime
+from clickrelay.mail.headers import (
     HEADER_LIMIT,
     decode_words,
     field_value,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickrelay.html_links import Link, clean_url, decode_attribute, find_links
+from clickrelay.tracking.html_links import Link, clean_url, decode_attribute, find_links
 
 from html_strategies import FRAGMENTS, SOUP, document
 from support import growth

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from clickrelay import passwords
-from clickrelay.bots import RepeatCounter
 from clickrelay.config import _networks
 from clickrelay.limits import AuthThrottle, ConnectionLimits, client_key, forwarded_client
+from clickrelay.web.bots import RepeatCounter
 
 
 def test_the_total_cap_counts_every_client():

@@ -9,7 +9,7 @@ import re
 import pytest
 from hypothesis import given, settings
 
-from clickrelay.links import Link, LinkRules, classify, find_links, splice
+from clickrelay.tracking.links import Link, LinkRules, classify, find_links, splice
 
 from html_strategies import document
 

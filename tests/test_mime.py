@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clickrelay import mime
+from clickrelay.mail import mime
 
 from support import assert_headers_as_the_email_package_reads_them
 

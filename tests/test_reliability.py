@@ -34,10 +34,11 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-from clickrelay import config, mime
+from clickrelay import config
+from clickrelay.mail import mime
 from clickrelay.passwords import hash_password
-from clickrelay.store import NewSend, open_store
-from clickrelay.tokens import Signer, load_secret
+from clickrelay.storage.sqlite import NewSend, open_store
+from clickrelay.tracking.tokens import Signer, load_secret
 
 from support import (
     BROWSER,

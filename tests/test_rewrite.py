@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from clickrelay import rewrite
-from clickrelay.links import find_links
+from clickrelay.tracking import rewrite
+from clickrelay.tracking.links import find_links
 
 from support import assert_faithful, message, send, start_relay
 

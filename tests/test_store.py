@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from clickrelay import store as store_module
-from clickrelay.store import MIGRATIONS, NewClick, NewSend, StoreError, open_store
+from clickrelay.storage import sqlite as store_module
+from clickrelay.storage.sqlite import MIGRATIONS, NewClick, NewSend, StoreError, open_store
 
 
 def send(**changes) -> NewSend:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clickrelay.tokens import MAX_LINK_ID, MAX_SEND_ID, SENT_WRAP, TOKEN_LENGTH, Signer, load_secret
+from clickrelay.tracking.tokens import (
+    MAX_LINK_ID,
+    MAX_SEND_ID,
+    SENT_WRAP,
+    TOKEN_LENGTH,
+    Signer,
+    load_secret,
+)
 
 SIGNER = Signer(b"k" * 32, "instance-a")
 

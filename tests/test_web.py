@@ -236,7 +236,7 @@ async def test_concurrent_clicks_are_group_committed(web_settings):
 
 async def test_counters_keep_pace_with_clicks_whatever_the_clock(web_settings, monkeypatch):
     """A full roll-up step is followed by another at once, not after ROLL_UP_SECONDS."""
-    from clickrelay import clicks as clicks_module
+    from clickrelay.web import recorder as clicks_module
 
     monkeypatch.setattr(clicks_module, "ROLL_UP_SECONDS", 1e9)
     monkeypatch.setattr(clicks_module, "ROLL_UP_LIMIT", 5)

@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from clickrelay.clicks import ClickRecorder
 from clickrelay.config import _networks
 from clickrelay.limits import LogThrottle
-from clickrelay.store import open_store
-from clickrelay.tokens import Signer, load_secret
-from clickrelay.web import REFUSED, LimitedSite, create_app, limited_site, runner
+from clickrelay.storage.sqlite import open_store
+from clickrelay.tracking.tokens import Signer, load_secret
+from clickrelay.web.app import REFUSED, LimitedSite, create_app, limited_site, runner
+from clickrelay.web.recorder import ClickRecorder
 
 from support import LOOPBACK
 

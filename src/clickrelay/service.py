@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from clickrelay import secretfile
-from clickrelay.clicks import ClickRecorder
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.limits import LogThrottle
-from clickrelay.pipeline import MessagePipeline
-from clickrelay.relay import RelayServer
-from clickrelay.store import SQLiteStore, StoreError, open_store
-from clickrelay.tokens import Signer, load_secret
-from clickrelay.upstream import create_upstream
-from clickrelay.web import create_app, limited_site, runner
+from clickrelay.smtp.pipeline import MessagePipeline
+from clickrelay.smtp.relay import RelayServer
+from clickrelay.smtp.upstream import create_upstream
+from clickrelay.storage.sqlite import SQLiteStore, StoreError, open_store
+from clickrelay.tracking.tokens import Signer, load_secret
+from clickrelay.web.app import create_app, limited_site, runner
+from clickrelay.web.recorder import ClickRecorder
 
 log = logging.getLogger("clickrelay")
 SWITCH_INTERVAL = 0.001  # seconds

@@ -26,14 +26,14 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from clickrelay.bots import BotJudge
-from clickrelay.clicks import ClickRecorder
 from clickrelay.config import IPNetwork, Settings, WebSettings
 from clickrelay.limits import ConnectionLimits, forwarded_client
-from clickrelay.reports import Reports
-from clickrelay.store import NewClick, Store, StoreError
-from clickrelay.tokens import Signer
-from clickrelay.urls import to_uri
+from clickrelay.reports.app import Reports
+from clickrelay.storage.sqlite import NewClick, Store, StoreError
+from clickrelay.tracking.tokens import Signer
+from clickrelay.tracking.urls import to_uri
+from clickrelay.web.bots import BotJudge
+from clickrelay.web.recorder import ClickRecorder
 
 log = logging.getLogger(__name__)
 

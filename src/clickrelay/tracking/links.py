@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from html import escape
 from typing import NamedTuple
 
-from clickrelay.edits import apply as apply_edits
-from clickrelay.html_links import Link, clean_url, find_links
-from clickrelay.urls import has_valid_host
+from clickrelay.mail.edits import apply as apply_edits
+from clickrelay.tracking.html_links import Link, clean_url, find_links
+from clickrelay.tracking.urls import has_valid_host
 
 __all__ = ["Edit", "Link", "LinkRules", "apply_edits", "classify", "edits", "find_links", "splice"]
 

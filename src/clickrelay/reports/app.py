@@ -30,7 +30,7 @@ from aiohttp import web
 from clickrelay import passwords
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.limits import AuthThrottle, forwarded_client
-from clickrelay.store import (
+from clickrelay.storage.sqlite import (
     CAMPAIGN_SORTS,
     MAX_ID,
     CampaignReport,
@@ -403,7 +403,7 @@ class Reports:
         self.settings = settings
         self.store = store
         self.templates = jinja2.Environment(
-            loader=jinja2.PackageLoader("clickrelay", "templates"),
+            loader=jinja2.PackageLoader("clickrelay.reports", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )

@@ -38,7 +38,8 @@ from aiosmtpd.smtp import (
 
 from clickrelay import cpu, passwords
 from clickrelay.config import Settings
-from clickrelay.esmtp import (
+from clickrelay.limits import AuthThrottle, ConnectionLimits, LogThrottle, in_networks
+from clickrelay.smtp.esmtp import (
     MailCommand,
     ParameterError,
     RcptCommand,
@@ -46,8 +47,7 @@ from clickrelay.esmtp import (
     parse_rcpt,
     printable,
 )
-from clickrelay.limits import AuthThrottle, ConnectionLimits, LogThrottle, in_networks
-from clickrelay.upstream import Reply, Transaction, Upstream, crlf
+from clickrelay.smtp.upstream import Reply, Transaction, Upstream, crlf
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
 
-from clickrelay import edits
-from clickrelay.headers import HeaderBlock, parse_header_block
+from clickrelay.mail import edits
+from clickrelay.mail.headers import HeaderBlock, parse_header_block
 
 MAX_DEPTH = 20  # deeper nesting than this is left unparsed (treated as an opaque leaf)
 MAX_PARTS = 1000  # entities read in one message; the parts past them are left unparsed

@@ -25,10 +25,11 @@ from typing import Protocol
 
 import aiosmtplib
 
-from clickrelay import cpu, downgrade
+from clickrelay import cpu
 from clickrelay.config import UpstreamSettings
-from clickrelay.esmtp import Extensions, MailCommand, RcptCommand
-from clickrelay.headers import parse_header_block
+from clickrelay.mail import downgrade
+from clickrelay.mail.headers import parse_header_block
+from clickrelay.smtp.esmtp import Extensions, MailCommand, RcptCommand
 
 log = logging.getLogger(__name__)
 

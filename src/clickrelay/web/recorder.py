@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 
-from clickrelay.store import NewClick, Store, StoreError
+from clickrelay.storage.sqlite import NewClick, Store, StoreError
 
 log = logging.getLogger(__name__)
 

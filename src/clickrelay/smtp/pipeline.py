@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 
 from aiosmtpd.smtp import Envelope
 
-from clickrelay import cpu, mime, rewrite
+from clickrelay import cpu
 from clickrelay.config import Settings
-from clickrelay.headers import (
+from clickrelay.mail import mime
+from clickrelay.mail.headers import (
     HEADER_LIMIT,
     ControlHeaders,
     HeaderBlock,
@@ -26,10 +27,11 @@ from clickrelay.headers import (
     parse_header_block,
     read_control_headers,
 )
-from clickrelay.links import LinkRules
-from clickrelay.store import NewSend, Store, StoreError
-from clickrelay.tokens import Signer
-from clickrelay.upstream import Reply
+from clickrelay.smtp.upstream import Reply
+from clickrelay.storage.sqlite import NewSend, Store, StoreError
+from clickrelay.tracking import rewrite
+from clickrelay.tracking.links import LinkRules
+from clickrelay.tracking.tokens import Signer
 
 log = logging.getLogger(__name__)
 TOO_MANY_HEADERS = f"552 5.3.4 Message header section exceeds {HEADER_LIMIT} bytes"

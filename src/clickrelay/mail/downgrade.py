@@ -12,8 +12,8 @@ MTA tells the sender. Header fields are not this extension's business: they stay
 
 from __future__ import annotations
 
-from clickrelay import edits, mime
-from clickrelay.headers import parse_header_block
+from clickrelay.mail import edits, mime
+from clickrelay.mail.headers import parse_header_block
 
 QP_CHUNK = 1024 * 1024  # quoted-printable is line by line: encode big bodies a piece at a time
 

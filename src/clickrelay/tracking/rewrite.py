@@ -11,8 +11,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from clickrelay import links, mime, urls
-from clickrelay.links import Link, LinkRules
+from clickrelay.mail import mime
+from clickrelay.tracking import links, urls
+from clickrelay.tracking.links import Link, LinkRules
 
 
 @dataclass(frozen=True)
