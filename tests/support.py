@@ -18,18 +18,18 @@ from clickrelay.config import (
     HostPort,
     Settings,
     SmtpSettings,
-    StorageSettings,
     TrackingSettings,
     UpstreamSettings,
     UpstreamURL,
     WebSettings,
 )
 from clickrelay.mail import mime
-from clickrelay.smtp.pipeline import MessagePipeline
+from clickrelay.service import Parts, running
 from clickrelay.smtp.relay import RelayServer
-from clickrelay.smtp.upstream import create_upstream
-from clickrelay.storage.sqlite import SQLiteStore, open_store
-from clickrelay.tracking.tokens import Signer, load_secret
+from clickrelay.storage import Store, open_store
+from clickrelay.tracking.tokens import Signer
+
+import pg
 
 LOOPBACK = "127.0.0.1"
 BROWSER = (
@@ -185,7 +185,7 @@ def relay_settings(tmp_path: Path, upstream_port: int, **smtp_changes) -> Settin
             url=UpstreamURL("smtp", LOOPBACK, upstream_port), timeout_seconds=5
         ),
         web=WebSettings(listen=HostPort(LOOPBACK, 0), public_url="http://click.test"),
-        storage=StorageSettings(database=tmp_path / "clickrelay.sqlite3"),
+        storage=pg.storage_for(tmp_path),
         tracking=TrackingSettings(secret_file=tmp_path / "secret"),
     )
 
@@ -193,7 +193,7 @@ def relay_settings(tmp_path: Path, upstream_port: int, **smtp_changes) -> Settin
 @dataclass
 class RunningRelay:
     server: RelayServer
-    store: SQLiteStore
+    store: Store
     signer: Signer
 
     @property
@@ -210,19 +210,11 @@ class RunningRelay:
 
 
 @contextlib.asynccontextmanager
-async def start_relay(settings: Settings, tls=None) -> AsyncIterator[RunningRelay]:
-    store = await open_store(settings.storage.database)
-    try:
-        signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
-        upstream = create_upstream(settings.upstream, "relay.test")
-        server = RelayServer(settings, upstream, MessagePipeline(settings, store, signer), tls)
-        await server.start()
-        try:
-            yield RunningRelay(server, store, signer)
-        finally:
-            await server.stop()
-    finally:
-        await store.close()
+async def start_relay(settings: Settings) -> AsyncIterator[RunningRelay]:
+    """The relay as `clickrelay smtp` runs it (service.running)."""
+    async with running(settings, Parts(smtp=True, web=False)) as node:
+        assert node.relay is not None
+        yield RunningRelay(node.relay, node.store, node.signer)
 
 
 class RawClient:
@@ -446,7 +438,7 @@ class RunningWeb:
     """The real aiohttp app on 127.0.0.1 with a real SQLite store, and an HTTP client."""
 
     settings: Settings
-    store: SQLiteStore
+    store: Store
     signer: Signer
     recorder: object
     base: str
@@ -496,28 +488,22 @@ class RunningWeb:
 
 @contextlib.asynccontextmanager
 async def start_web(settings: Settings, store_wrapper=None) -> AsyncIterator[RunningWeb]:
+    """The web service as `clickrelay web` runs it (service.running); `store_wrapper` wraps
+    its store (to count or fail calls)."""
     import aiohttp
-    from aiohttp import web as aioweb
 
-    from clickrelay.web.app import create_app
-    from clickrelay.web.app import runner as make_runner
-    from clickrelay.web.recorder import ClickRecorder
-
-    store = await open_store(settings.storage.database)
-    signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
-    app_store = store_wrapper(store) if store_wrapper else store
-    recorder = ClickRecorder(app_store)
-    runner = make_runner(create_app(settings, app_store, signer, recorder))
-    await runner.setup()
-    site = aioweb.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as session:
-        try:
-            yield RunningWeb(
-                settings, store, signer, recorder, f"http://{LOOPBACK}:{port}", session
-            )
-        finally:
-            await runner.cleanup()
-            await recorder.close()
-            await store.close()
+    async with contextlib.AsyncExitStack() as stack:
+        store = wrapped = None
+        if store_wrapper is not None:
+            store = await open_store(settings.storage)
+            stack.push_async_callback(store.close)
+            wrapped = store_wrapper(store)
+        node = await stack.enter_async_context(
+            running(settings, Parts(smtp=False, web=True), store=wrapped)
+        )
+        assert node.web is not None
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        yield RunningWeb(
+            settings, store or node.store, node.signer, node.web.recorder,
+            f"http://{LOOPBACK}:{node.web.port}", session,
+        )  # fmt: skip

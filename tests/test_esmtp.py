@@ -245,9 +245,7 @@ async def test_multi_line_replies_are_mirrored_line_by_line(upstream, relay):
 async def test_auth_not_offered_is_503_and_never_advertised_empty(upstream, settings, tls_files):
     cert, key = tls_files
     settings = replace(settings, smtp=replace(settings.smtp, tls_cert=cert, tls_key=key))
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
-    async with start_relay(settings, tls=server_tls) as relay:
+    async with start_relay(settings) as relay:
         client = await RawClient.connect(relay.port)
         before_tls = await client.cmd("EHLO c")
         auth = await client.cmd("AUTH PLAIN AGFkbWluAHNlY3JldA==")
@@ -270,12 +268,10 @@ async def test_credentials_are_never_logged_at_any_level(upstream, settings, tls
     users = {"app": hash_password("right")}
     settings = replace(settings, smtp=replace(settings.smtp, users=users, tls_cert=cert,
                                               tls_key=key))  # fmt: skip
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
     secret = "Sup3r-Secret-Pw"
     blob = base64.b64encode(f"\0app\0{secret}".encode()).decode()
     caplog.set_level(logging.DEBUG)
-    async with start_relay(settings, tls=server_tls) as relay:
+    async with start_relay(settings) as relay:
         client = await RawClient.connect(relay.port)
         await client.cmd("EHLO c")
         refused = await client.cmd(f"AUTH PLAIN {blob}")  # before STARTTLS: not offered

@@ -24,7 +24,8 @@ import pytest
 from clickrelay import config, passwords
 from clickrelay.config import _networks
 from clickrelay.passwords import hash_password
-from clickrelay.storage.sqlite import NewSend, open_store
+from clickrelay.storage.base import NewSend
+from clickrelay.storage.sqlite import open_sqlite
 
 from support import BROWSER, ServiceProcess, basic_auth, free_port, start_web, write_config
 
@@ -278,7 +279,7 @@ async def test_database_files_are_private_whatever_the_umask(tmp_path, umask):
     database = tmp_path / "data" / "clickrelay.sqlite3"
     old = os.umask(umask)
     try:
-        store = await open_store(database)
+        store = await open_sqlite(database)
         await store.record_send(NewSend("c1", None, "standard", "42", None, None, "tracked", (A,)))
         found = modes(database)  # while open: WAL and shared-memory files exist
         await store.close()
@@ -296,7 +297,7 @@ async def test_existing_database_files_are_made_private(tmp_path):
         other.execute("PRAGMA journal_mode = WAL")
         other.execute("CREATE TABLE t (x)")
         before = modes(database)
-        store = await open_store(database)
+        store = await open_sqlite(database)
         after = modes(database)
         await store.close()
         other.close()

@@ -190,9 +190,7 @@ async def test_authenticated_client_may_relay_over_starttls(upstream, settings, 
         settings,
         smtp=replace(settings.smtp, allowed_clients=(), users=users, tls_cert=cert, tls_key=key),
     )
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
-    async with start_relay(settings, tls=server_tls) as relay:
+    async with start_relay(settings) as relay:
         client = aiosmtplib.SMTP(
             hostname="127.0.0.1", port=relay.port, start_tls=False, cert_bundle=str(cert)
         )

@@ -37,7 +37,8 @@ from hypothesis import strategies as st
 from clickrelay import config
 from clickrelay.mail import mime
 from clickrelay.passwords import hash_password
-from clickrelay.storage.sqlite import NewSend, open_store
+from clickrelay.storage import open_store
+from clickrelay.storage.base import NewSend
 from clickrelay.tracking.tokens import Signer, load_secret
 
 from support import (
@@ -341,9 +342,7 @@ async def tls_relay(tmp_path, upstream, tls_files):
     cert, key = tls_files
     users = {"app": hash_password("s3cret")}
     settings = relay_settings(tmp_path, upstream.port, users=users, tls_cert=cert, tls_key=key)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    async with start_relay(settings, tls=context) as relay:
+    async with start_relay(settings) as relay:
         yield relay
 
 
@@ -566,7 +565,7 @@ class Tracked:
 
 async def seed(settings: config.Settings) -> list[Tracked]:
     """Record the sends as the relay would, in the service's database, before it starts."""
-    store = await open_store(settings.storage.database)
+    store = await open_store(settings.storage)
     try:
         signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
         urls = tuple(f"https://example.com/kill/{n}?x=1&y=2" for n in range(LINKS_PER_SEND))

@@ -103,13 +103,6 @@ def auth_settings(settings, tls_files):
     return limited(settings, users=users, tls_cert=cert, tls_key=key)
 
 
-@pytest.fixture
-def server_tls(tls_files):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*tls_files)
-    return context
-
-
 async def login(port: int, source: str, user: str, password: str) -> tuple[str, float]:
     """One AUTH PLAIN attempt over STARTTLS; its reply and how long the reply took."""
     client = await RawClient.connect(port, source=source)
@@ -128,10 +121,8 @@ async def login(port: int, source: str, user: str, password: str) -> tuple[str, 
 
 
 @pytest.mark.slow
-async def test_failed_logins_from_one_address_wait_longer_and_longer(
-    upstream, auth_settings, server_tls
-):
-    async with start_relay(auth_settings, tls=server_tls) as relay:
+async def test_failed_logins_from_one_address_wait_longer_and_longer(upstream, auth_settings):
+    async with start_relay(auth_settings) as relay:
         attempts = [await login(relay.port, STRANGER, "app", "wrong") for _ in range(6)]
         other = await login(relay.port, "127.0.0.3", "app", "right")  # another address: at once
     replies = [reply for reply, _ in attempts]
@@ -142,12 +133,10 @@ async def test_failed_logins_from_one_address_wait_longer_and_longer(
     assert other[0].startswith("235") and other[1] < 1.0
 
 
-async def test_an_unknown_user_costs_a_password_check_like_a_known_one(
-    upstream, auth_settings, server_tls
-):
+async def test_an_unknown_user_costs_a_password_check_like_a_known_one(upstream, auth_settings):
     """No user enumeration by timing: a wrong user name is checked against a hash of the same
     cost (today it is refused without one, some 50 ms sooner)."""
-    async with start_relay(auth_settings, tls=server_tls) as relay:
+    async with start_relay(auth_settings) as relay:
         known, unknown = [], []
         for n in range(3):  # each from its own address: no throttling in the way
             known.append((await login(relay.port, f"127.0.1.{n}", "app", "wrong"))[1])
@@ -221,9 +210,7 @@ async def test_ehlo_does_not_wait_for_an_upstream_that_never_answers(settings):
 async def test_broken_tls_handshakes_do_not_flood_the_log(upstream, settings, tls_files, caplog):
     cert, key = tls_files
     settings = replace(settings, smtp=replace(settings.smtp, tls_cert=cert, tls_key=key))
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
-    async with start_relay(settings, tls=server_tls) as relay:
+    async with start_relay(settings) as relay:
         for _ in range(5):
             client = await RawClient.connect(relay.port)
             await client.cmd("EHLO c")

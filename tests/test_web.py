@@ -225,18 +225,35 @@ async def test_restart_keeps_everything(web_settings):
 
 
 async def test_concurrent_clicks_are_group_committed(web_settings):
-    async with start_web(web_settings) as web:
+    batches: list[int] = []  # the number of clicks in each add_clicks call, in order
+
+    def wrap(store):
+        counter = CountingStore(store)
+        add_clicks = store.add_clicks
+
+        async def counted_add_clicks(new_clicks, bursts=()):
+            batches.append(len(new_clicks))
+            return await add_clicks(new_clicks, bursts)
+
+        counter.add_clicks = counted_add_clicks  # found before CountingStore.__getattr__
+        return counter
+
+    async with start_web(web_settings, store_wrapper=wrap) as web:
         sends = [await web.send(contact=str(i)) for i in range(50)]
         responses = await asyncio.gather(
             *(web.click(s, links["https://example.com/a"]) for s, links in sends)
         )
     assert all(r.status == 302 for r in responses)
-    assert len(clicks(web_settings)) == 50
+    stored = clicks(web_settings)
+    assert sorted(send_id for send_id, *_ in stored) == sorted(s for s, _ in sends)  # each once
+    assert sum(batches) == 50
+    assert max(batches) > 1  # some transaction committed several clicks at once
+    assert len(batches) <= 10, batches  # a few commits, not one per click
 
 
 async def test_counters_keep_pace_with_clicks_whatever_the_clock(web_settings, monkeypatch):
     """A full roll-up step is followed by another at once, not after ROLL_UP_SECONDS."""
-    from clickrelay.web import recorder as clicks_module
+    from clickrelay.storage import rollup as clicks_module
 
     monkeypatch.setattr(clicks_module, "ROLL_UP_SECONDS", 1e9)
     monkeypatch.setattr(clicks_module, "ROLL_UP_LIMIT", 5)

@@ -1,6 +1,6 @@
 """The HTTP service against hostile clients: connection caps (503 at once), idle timeouts that a
 slow-loris cannot stretch, TLS and shutdown still working. Real sockets on loopback, the real
-app, runner and site as the service builds them, a real SQLite file."""
+app, runner and site as the service builds them, real storage."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import pytest
 
 from clickrelay.config import _networks
 from clickrelay.limits import LogThrottle
-from clickrelay.storage.sqlite import open_store
-from clickrelay.tracking.tokens import Signer, load_secret
-from clickrelay.web.app import REFUSED, LimitedSite, create_app, limited_site, runner
-from clickrelay.web.recorder import ClickRecorder
+from clickrelay.service import Parts, running
+from clickrelay.web.app import REFUSED, LimitedSite
 
 from support import LOOPBACK
 
@@ -29,22 +27,11 @@ def web_settings(settings, **changes):
 
 
 @contextlib.asynccontextmanager
-async def serve(settings, tls: ssl.SSLContext | None = None) -> AsyncIterator[LimitedSite]:
-    """The web service as `service` starts it: app, runner (idle timeout), limited site."""
-    store = await open_store(settings.storage.database)
-    signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
-    recorder = ClickRecorder(store)
-    app = create_app(settings, store, signer, recorder)
-    app_runner = runner(app, settings.web.idle_timeout_seconds)
-    await app_runner.setup()
-    site = limited_site(app_runner, settings.web, tls)
-    await site.start()
-    try:
-        yield site
-    finally:
-        await app_runner.cleanup()
-        await recorder.close()
-        await store.close()
+async def serve(settings) -> AsyncIterator[LimitedSite]:
+    """The web service as `clickrelay web` starts it (service.running); its site."""
+    async with running(settings, Parts(smtp=False, web=True)) as node:
+        assert node.web is not None
+        yield node.web.site
 
 
 @dataclass
@@ -261,17 +248,15 @@ async def test_keep_alive_connections_are_closed_when_idle_after_an_answer(setti
 
 
 @pytest.fixture
-def tls_contexts(tls_files):
+def client_tls(tls_files):
+    return ssl.create_default_context(cafile=str(tls_files[0]))
+
+
+async def test_tls_still_works_and_refusals_are_answered_over_tls(
+    settings, tls_files, client_tls, clients
+):
     cert, key = tls_files
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cafile=str(cert))
-    return server, client
-
-
-async def test_tls_still_works_and_refusals_are_answered_over_tls(settings, tls_contexts, clients):
-    server_tls, client_tls = tls_contexts
-    async with serve(web_settings(settings, max_connections=1), tls=server_tls) as site:
+    async with serve(web_settings(settings, max_connections=1, tls_cert=cert, tls_key=key)) as site:
         first = await clients.open(site.port, tls=client_tls)
         served = await first.get()
         second = await clients.open(site.port, tls=client_tls)

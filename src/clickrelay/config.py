@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SECRET_KEYS = frozenset({"upstream.password", "reports.password", "reports.password_hash"})
+_ALTERNATIVES = {"storage": ("database", "url")}  # (section, keys of which one at most is set)
 
 
 class ConfigError(Exception):
@@ -182,6 +183,42 @@ def _upstream_url(value: Any) -> UpstreamURL:
     return UpstreamURL(parts.scheme, parts.hostname, port)
 
 
+@dataclass(frozen=True)
+class StorageURL:
+    """`sqlite:///path` or a PostgreSQL URL (libpq's form, as asyncpg takes it). Shown (`str`)
+    with its password masked: the URL itself is only handed to the database driver."""
+
+    scheme: str  # "sqlite" or "postgresql"
+    url: str = field(repr=False)
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        host = parts.netloc.rpartition("@")[2]
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:********@{host}").geturl()
+
+
+def _storage_url(value: Any) -> StorageURL:
+    text = _nonempty_str(value)
+    parts = urlsplit(text)
+    if parts.scheme == "sqlite":
+        if parts.netloc or not parts.path.strip("/"):
+            raise ValueError("expected sqlite:///absolute/path/to/file.sqlite3")
+        return StorageURL("sqlite", text, Path(parts.path))
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"expected sqlite:///path or postgresql://user@host:5432/database, got {parts.scheme!r}"
+        )
+    try:
+        parts.port  # noqa: B018 (validates it)
+    except ValueError:
+        raise ValueError("invalid port in the URL") from None
+    return StorageURL("postgresql", text)
+
+
 def _password_hash(value: Any) -> str:
     from clickrelay.passwords import is_password_hash
 
@@ -275,8 +312,20 @@ class ReportsSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
+    """Either `database` (a SQLite file) or `url` (`sqlite:///path` or `postgresql://...`)."""
+
     database: Path = _field(_path, Path("/var/lib/clickrelay/clickrelay.sqlite3"))
+    url: StorageURL | None = _field(_storage_url, None)
+    password_file: Path | None = _field(_path, None)  # PostgreSQL's, kept out of the URL
+    pool_size: int = _field(_int_range(1, 1000), 10)
     synchronous: str = _field(_choice("normal", "full"), "normal")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file in use, or None for PostgreSQL."""
+        if self.url is None:
+            return self.database
+        return self.url.path
 
 
 @dataclass(frozen=True)
@@ -353,6 +402,10 @@ def load(path: Path) -> Settings:
         section, name = key.split(".")
         if name not in data.get(section, {}):
             raise ConfigError(key, "required in a config file (no silent fallback to a Maildir)")
+    for section, (first, second) in _ALTERNATIVES.items():
+        table = data.get(section)
+        if isinstance(table, dict) and {first, second} <= table.keys():
+            raise ConfigError(f"{section}.{second}", f"set {first} or {second}, not both")
     settings = _build(Settings, data, "")
     settings = replace(settings, source=path)
     _check_consistency(settings)
@@ -410,6 +463,10 @@ def _check_consistency(settings: Settings) -> None:
     if up.username is not None and up.url.scheme == "maildir":
         raise ConfigError("upstream.username", "a maildir: upstream takes no credentials")
     _check_readable("upstream.ca_file", up.ca_file)
+    storage = settings.storage
+    if storage.password_file is not None and storage.sqlite_path is not None:
+        raise ConfigError("storage.password_file", "only for a postgresql:// storage.url")
+    _check_readable("storage.password_file", storage.password_file)
     if settings.reports.password and settings.reports.password_hash:
         raise ConfigError("reports.password", "set password or password_hash, not both")
 

@@ -1,5 +1,8 @@
 """Start the SMTP relay and/or the HTTP service, run until SIGTERM/SIGINT, stop gracefully.
 
+`running` is the whole wiring (storage, signer, relay, web service); `serve` runs it until a
+stop signal. Tests start servers with `running` too, so they test what production runs.
+
 At start the soft file descriptor limit is raised to the hard one, and connection caps that
 would still need more descriptors than that are scaled down to fit (one log line says so), so
 that a flood of connections meets the caps, not "too many open files". Should descriptors run
@@ -17,9 +20,12 @@ import secrets
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from clickrelay import secretfile
 from clickrelay.config import ReportsSettings, Settings
@@ -27,9 +33,9 @@ from clickrelay.limits import LogThrottle
 from clickrelay.smtp.pipeline import MessagePipeline
 from clickrelay.smtp.relay import RelayServer
 from clickrelay.smtp.upstream import create_upstream
-from clickrelay.storage.sqlite import SQLiteStore, StoreError, open_store
+from clickrelay.storage import Store, StoreError, open_store
 from clickrelay.tracking.tokens import Signer, load_secret
-from clickrelay.web.app import create_app, limited_site, runner
+from clickrelay.web.app import LimitedSite, create_app, limited_site, runner
 from clickrelay.web.recorder import ClickRecorder
 
 log = logging.getLogger("clickrelay")
@@ -67,6 +73,28 @@ def prepare_embedded(settings: Settings, data_dir: Path) -> Settings:
     return replace(settings, reports=reports)
 
 
+@dataclass
+class WebService:
+    runner: web.AppRunner
+    site: LimitedSite
+    recorder: ClickRecorder
+
+    @property
+    def port(self) -> int:
+        return self.runner.addresses[0][1]
+
+
+@dataclass
+class Node:
+    """What `running` started: the parts asked for, on one store."""
+
+    settings: Settings
+    store: Store
+    signer: Signer
+    relay: RelayServer | None = None
+    web: WebService | None = None
+
+
 async def serve(settings: Settings, parts: Parts) -> None:
     """Run until a stop signal; raise StartupError for what the user must fix."""
     stop = asyncio.Event()
@@ -78,28 +106,47 @@ async def serve(settings: Settings, parts: Parts) -> None:
     # /healthz) gets the interpreter back from them within a millisecond, not Python's 5 ms.
     sys.setswitchinterval(SWITCH_INTERVAL)
     settings = fit_caps(settings, parts, raise_file_limit())
-    async with contextlib.AsyncExitStack() as stack:
-        store = await _open_store(settings, stack)
-        signer = _signer(settings, store)
-        if parts.web:
-            await _start_web(settings, store, signer, stack)
-        if parts.smtp:
-            await _start_smtp(settings, store, signer, stack)
+    async with running(settings, parts):
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
 
 
-async def _open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> SQLiteStore:
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, parts: Parts, store: Store | None = None
+) -> AsyncIterator[Node]:
+    """The parts started on the configured storage (or on `store`, left open at the end);
+    stopped in reverse order when the block ends."""
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None:
+            store = await _open_store(settings, stack)
+        node = Node(settings, store, _signer(settings, store))
+        if parts.web:
+            node.web = await _start_web(node, stack)
+        if parts.smtp:
+            node.relay = await _start_smtp(node, stack)
+        yield node
+
+
+async def migrate(settings: Settings) -> None:
+    """Apply the storage schema (as every node also does at start) and close it."""
+    async with contextlib.AsyncExitStack() as stack:
+        await _open_store(settings, stack)
+
+
+async def _open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> Store:
+    key = "storage.database" if settings.storage.url is None else "storage.url"
     try:
-        store = await open_store(settings.storage.database, settings.storage.synchronous)
+        store = await open_store(settings.storage)
     except StoreError as exc:
-        raise StartupError("storage.database", str(exc)) from None
+        raise StartupError(key, str(exc)) from None
     stack.push_async_callback(store.close)
+    log.info("storage: %s", settings.storage.url or settings.storage.database)
     return store
 
 
-def _signer(settings: Settings, store: SQLiteStore) -> Signer:
+def _signer(settings: Settings, store: Store) -> Signer:
     try:
         secret = load_secret(settings.tracking.secret_file)
     except (OSError, ValueError) as exc:
@@ -107,12 +154,11 @@ def _signer(settings: Settings, store: SQLiteStore) -> Signer:
     return Signer(secret, store.instance_id)
 
 
-async def _start_smtp(
-    settings: Settings, store: SQLiteStore, signer: Signer, stack: contextlib.AsyncExitStack
-) -> None:
+async def _start_smtp(node: Node, stack: contextlib.AsyncExitStack) -> RelayServer:
+    settings = node.settings
     upstream = create_upstream(settings.upstream, settings.smtp.hostname or "localhost")
     tls = _tls_context("smtp", settings.smtp.tls_cert, settings.smtp.tls_key)
-    pipeline = MessagePipeline(settings, store, signer)
+    pipeline = MessagePipeline(settings, node.store, node.signer)
     relay = RelayServer(settings, upstream, pipeline, tls)
     await _bind("smtp.listen", relay.start())
     stack.push_async_callback(relay.stop)
@@ -123,29 +169,30 @@ async def _start_smtp(
             settings.upstream.url.path,
         )
     log.info("smtp relay listening on %s, upstream %s", settings.smtp.listen, settings.upstream.url)
+    return relay
 
 
-async def _start_web(
-    settings: Settings, store: SQLiteStore, signer: Signer, stack: contextlib.AsyncExitStack
-) -> None:
-    recorder = ClickRecorder(store)
+async def _start_web(node: Node, stack: contextlib.AsyncExitStack) -> WebService:
+    settings = node.settings
+    recorder = ClickRecorder(node.store)
     stack.push_async_callback(recorder.close)  # after the runner: in-flight clicks get stored
-    app = create_app(settings, store, signer, recorder)
-    web = settings.web
-    app_runner = runner(app, web.idle_timeout_seconds)
+    app = create_app(settings, node.store, node.signer, recorder)
+    web_settings = settings.web
+    app_runner = runner(app, web_settings.idle_timeout_seconds)
     await app_runner.setup()
     stack.push_async_callback(app_runner.cleanup)
-    listen = web.listen
-    tls = _tls_context("web", web.tls_cert, web.tls_key)
-    site = limited_site(app_runner, web, tls)
+    tls = _tls_context("web", web_settings.tls_cert, web_settings.tls_key)
+    site = limited_site(app_runner, web_settings, tls)
     await _bind("web.listen", site.start())
     log.info(
         "http service listening on %s, public URL %s (connections: at most %s, %s per client; "
-        "idle timeout %g s)", listen, web.public_url, web.max_connections or "no cap",
-        web.max_connections_per_client or "no cap", web.idle_timeout_seconds,
+        "idle timeout %g s)", web_settings.listen, web_settings.public_url,
+        web_settings.max_connections or "no cap",
+        web_settings.max_connections_per_client or "no cap", web_settings.idle_timeout_seconds,
     )  # fmt: skip
     if not settings.reports.enabled:
         log.warning("report pages and API are off (403): set [reports] password or password_hash")
+    return WebService(app_runner, site, recorder)
 
 
 async def _bind(key: str, starting: object) -> None:

@@ -30,7 +30,7 @@ from aiohttp import web
 from clickrelay import passwords
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.limits import AuthThrottle, forwarded_client
-from clickrelay.storage.sqlite import (
+from clickrelay.storage.base import (
     CAMPAIGN_SORTS,
     MAX_ID,
     CampaignReport,
@@ -437,7 +437,6 @@ class Reports:
     # ------------------------------------------------------------ data
 
     async def _campaigns(self, request: web.Request) -> tuple[list[CampaignSummary], str, bool]:
-        await self.store.roll_up()  # figures as of now, not as of the last roll-up
         sort = request.query.get("sort", "last_send")
         sort = sort if sort in CAMPAIGN_SORTS else "last_send"
         descending = request.query.get("dir", "desc") != "asc"
@@ -445,7 +444,6 @@ class Reports:
         return await self.store.campaigns(search, sort, descending), sort, descending
 
     async def _report(self, request: web.Request) -> CampaignReport:
-        await self.store.roll_up()
         report = await self.store.campaign_report(request.match_info["campaign_id"])
         if report is None:
             raise web.HTTPNotFound(text="No such campaign.\n")
@@ -459,14 +457,11 @@ class Reports:
         return sorted(links, key=LINK_SORTS[sort], reverse=descending), sort, descending
 
     async def _contacts(self, request: web.Request, limit: int, after: str | None) -> ContactPage:
-        """A page of the link's contacts. The first brings the counters up to date; the pages
-        after it go on from there."""
+        """A page of the link's contacts."""
         digits = request.match_info["link_id"]
         link_id = int(digits) if len(digits) <= 19 else MAX_ID + 1  # (no int of 5,000 digits)
         if link_id > MAX_ID:
             raise web.HTTPBadRequest(text=f"Bad request: no link has an id above {MAX_ID}.\n")
-        if not after:
-            await self.store.roll_up()
         page = await self.store.link_contacts(
             request.match_info["campaign_id"], link_id, after=after, limit=limit
         )

@@ -28,7 +28,7 @@ from clickrelay.mail.headers import (
     read_control_headers,
 )
 from clickrelay.smtp.upstream import Reply
-from clickrelay.storage.sqlite import NewSend, Store, StoreError
+from clickrelay.storage.base import NewSend, Store, StoreError
 from clickrelay.tracking import rewrite
 from clickrelay.tracking.links import LinkRules
 from clickrelay.tracking.tokens import Signer

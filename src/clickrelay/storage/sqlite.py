@@ -1,8 +1,5 @@
-"""Storage: campaigns, sends, links, untracked links and clicks.
-
-`Store` is the whole interface the relay and the web service use; `SQLiteStore` implements it with
-aiosqlite (WAL, versioned migrations, parameterized SQL only). A PostgreSQL backend implements the
-same protocol without touching the relay or the web code.
+"""The SQLite backend (the embedded default): aiosqlite, WAL, versioned migrations,
+parameterized SQL only.
 
 Writes go through one connection, serialised by a lock, one explicit transaction each. Report
 queries use a second, read-only connection so a slow report never delays a click or a send.
@@ -11,198 +8,43 @@ queries use a second, read-only connection so a slow report never delays a click
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import math
 import os
 import secrets
 import sqlite3
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiosqlite
 
+from clickrelay.storage.base import (
+    MAX_ID,
+    CampaignReport,
+    CampaignSummary,
+    ContactPage,
+    KnownLinks,
+    LinkTarget,
+    NewClick,
+    NewSend,
+    RecordedSend,
+    StoreError,
+    contact_page,
+    decode_cursor,
+    like_pattern,
+    link_of,
+    report_of,
+    storable,
+    summary_of,
+)
+from clickrelay.storage.rollup import RollUps
+
 log = logging.getLogger(__name__)
-
-
-class StoreError(Exception):
-    """Storage is unavailable or refused an operation."""
-
-
-class CursorError(ValueError):
-    """A page cursor (`after`) that this store never issued: the request is bad (400)."""
-
-
-MAX_ID = 2**63 - 1  # SQLite's INTEGER range: a larger id matches no row (and cannot be bound)
-MAX_CURSOR_LENGTH = 1024
-
 
 # What SQLite and aiosqlite raise when storage fails (aiosqlite: ValueError once closed).
 _FAILURES = (sqlite3.Error, ValueError)
-
-
-@dataclass(frozen=True)
-class NewSend:
-    campaign_key: str
-    campaign_name: str | None
-    campaign_type: str
-    contact_id: str | None
-    email: str | None
-    message_id: str | None
-    decision: str  # "tracked" or the reason it was not rewritten
-    tracked_urls: Sequence[str] = ()
-    untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
-    sent_at: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class RecordedSend:
-    send_id: int
-    sent_at: float
-    link_ids: Mapping[str, int]
-
-
-@dataclass(frozen=True)
-class LinkTarget:
-    link_id: int
-    url: str
-
-
-@dataclass(frozen=True)
-class NewClick:
-    """A hit on a tracking link. Its campaign and contact come from the send when it is stored;
-    a click whose send or link does not exist (or belongs to another campaign) is dropped."""
-
-    send_id: int
-    link_id: int
-    clicked_at: float
-    ip: str | None
-    user_agent: str | None
-    method: str
-    bot_reason: str | None  # None for a human click
-
-
-@dataclass(frozen=True)
-class CampaignSummary:
-    campaign_id: str  # the X-Campaign-Id
-    name: str | None
-    type: str
-    tracked_sends: int
-    total_clicks: int  # human clicks
-    unique_clicks: int  # distinct contacts with a human click
-    bot_clicks: int
-    first_send_at: float
-    last_send_at: float
-
-    @property
-    def click_rate(self) -> float:
-        return round(self.unique_clicks / self.tracked_sends, 4) if self.tracked_sends else 0.0
-
-
-@dataclass(frozen=True)
-class LinkSummary:
-    link_id: int
-    url: str
-    total_clicks: int
-    unique_clicks: int
-    bot_clicks: int
-
-
-@dataclass(frozen=True)
-class UntrackedLink:
-    url: str
-    reason: str
-    count: int
-
-
-@dataclass(frozen=True)
-class CampaignReport:
-    summary: CampaignSummary
-    links: list[LinkSummary]
-    untracked: list[UntrackedLink]
-    sends: dict[tuple[str, str], int]  # (decision, outcome) -> messages
-    hours: list[tuple[int, int, int]]  # (hour since the epoch, human clicks, bot clicks)
-
-
-@dataclass(frozen=True)
-class ContactClicks:
-    contact_id: str | None
-    email: str | None
-    send_id: int
-    clicks: int
-    first_click: float
-    last_click: float
-
-
-@dataclass(frozen=True)
-class ContactPage:
-    link: LinkSummary
-    contacts: list[ContactClicks]
-    next_cursor: str | None  # pass as `after` for the next page; None on the last page
-
-
-CAMPAIGN_SORTS = {
-    "last_send": "c.last_send_at",
-    "first_send": "c.first_send_at",
-    "name": "lower(coalesce(c.name, c.campaign_key))",
-    "type": "c.type",
-    "tracked_sends": "tracked_sends",
-    "total_clicks": "total_clicks",
-    "unique_clicks": "unique_clicks",
-    "click_rate": "CAST(unique_clicks AS REAL) / max(tracked_sends, 1)",
-    "bot_clicks": "bot_clicks",
-}
-
-
-class Store(Protocol):
-    instance_id: str
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> None:
-        """Raise StoreError unless storage answers."""
-
-    async def record_send(self, send: NewSend) -> RecordedSend:
-        """Commit the send, its campaign, links and untracked-link counts; return the ids."""
-
-    async def set_send_decision(self, send_id: int, decision: str) -> None: ...
-
-    async def set_send_outcome(self, send_id: int, outcome: str) -> None:
-        """`accepted`, `refused` or `deferred`: only accepted (or pending) sends count as sent."""
-
-    async def get_link(self, link_id: int) -> LinkTarget | None: ...
-
-    async def add_clicks(
-        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
-    ) -> None:
-        """Commit a batch of clicks in one transaction. `bursts`: (send id, since) pairs whose
-        human clicks since then are re-marked as bot clicks (reason `burst`)."""
-
-    async def roll_up(self, limit: int | None = None) -> None:
-        """Add the clicks stored since the last roll-up (at most `limit` of them) to the report
-        counters."""
-
-    async def campaigns(
-        self, search: str | None = None, sort: str = "last_send", descending: bool = True,
-        limit: int = 500,
-    ) -> list[CampaignSummary]:  # fmt: skip
-        """Campaigns with their figures (as of the last roll-up); `sort`: CAMPAIGN_SORTS."""
-
-    async def campaign_report(self, campaign_id: str) -> CampaignReport | None: ...
-
-    async def link_contacts(
-        self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
-    ) -> ContactPage | None:
-        """Contacts with human clicks on a link, most recent first, one page at a time.
-
-        None for an unknown link (any id, however large); CursorError for an `after` that is
-        not a `next_cursor` this store made."""
 
 
 # ---------------------------------------------------------------- schema
@@ -332,8 +174,18 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-LINK_CACHE_SIZE = 50_000
 CHECKPOINT_SECONDS = 1.0
+_ORDER = {  # CAMPAIGN_SORTS
+    "last_send": "c.last_send_at",
+    "first_send": "c.first_send_at",
+    "name": "lower(coalesce(c.name, c.campaign_key))",
+    "type": "c.type",
+    "tracked_sends": "tracked_sends",
+    "total_clicks": "total_clicks",
+    "unique_clicks": "unique_clicks",
+    "click_rate": "CAST(unique_clicks AS REAL) / max(tracked_sends, 1)",
+    "bot_clicks": "bot_clicks",
+}
 # Each adds the clicks with last < id <= top (from the one-row table roll_range) to a counter
 # table. The stats rows go first: the triggers on the *_contacts tables count unique clickers
 # into them.
@@ -408,7 +260,8 @@ class SQLiteStore:
         self._checkpointer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._campaigns: dict[str, tuple[int, str | None, str]] = {}
-        self._links: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._links = KnownLinks()
+        self._rollups = RollUps(self._roll_up)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -472,6 +325,7 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Close the connections, after any write transaction under way has finished."""
+        await self._rollups.close()
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -533,8 +387,7 @@ class SQLiteStore:
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
         self._campaigns[send.campaign_key] = (campaign_id, send.campaign_name, send.campaign_type)
-        for url, link_id in link_ids.items():  # committed: now they may be cached
-            self._remember_link(campaign_id, url, link_id)
+        self._links.remember(campaign_id, link_ids)  # committed: now they may be cached
         assert send_id is not None
         return RecordedSend(send_id, send.sent_at, link_ids)
 
@@ -558,17 +411,8 @@ class SQLiteStore:
         self, db: aiosqlite.Connection, campaign_id: int, urls: Sequence[str]
     ) -> dict[str, int]:
         """The id of each URL: from the cache, else from the links table, creating rows as needed
-        (committed by the caller). The cached ones are read at once: other sends may evict them
-        from the cache while this one waits for the database."""
-        ids: dict[str, int] = {}
-        missing = []
-        for url in dict.fromkeys(urls):
-            link_id = self._links.get((campaign_id, url))
-            if link_id is None:
-                missing.append(url)
-            else:
-                ids[url] = link_id
-                self._links.move_to_end((campaign_id, url))
+        (committed by the caller)."""
+        ids, missing = self._links.split(campaign_id, urls)
         if not missing:
             return ids
         await db.executemany(
@@ -583,11 +427,6 @@ class SQLiteStore:
             ) as cursor:
                 ids.update({row["url"]: row["id"] for row in await cursor.fetchall()})
         return ids
-
-    def _remember_link(self, campaign_id: int, url: str, link_id: int) -> None:
-        self._links[(campaign_id, url)] = link_id  # a cached one keeps its place
-        if len(self._links) > LINK_CACHE_SIZE:
-            self._links.popitem(last=False)
 
     async def set_send_decision(self, send_id: int, decision: str) -> None:
         await self._write("UPDATE sends SET decision = ? WHERE id = ?", (decision, send_id))
@@ -615,30 +454,35 @@ class SQLiteStore:
         self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
     ) -> None:
         # One statement for the whole batch (rows passed as one JSON parameter): a single trip
-        # to the database thread, atomic on its own. The report counters follow in roll_up.
+        # to the database thread, atomic on its own. The report counters follow (`RollUps`).
         rows = json.dumps([
             [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason]
             for c in clicks
         ])  # fmt: skip
         if not bursts:
             await self._write(_INSERT_CLICKS, (rows,))
-            return
-        try:
-            async with self._transaction() as db:
-                await db.execute(_INSERT_CLICKS, (rows,))
-                await db.executemany(
-                    "UPDATE clicks SET bot_reason = 'burst' WHERE send_id = ?"
-                    " AND clicked_at >= ? AND bot_reason IS NULL",
-                    bursts,
-                )
-        except _FAILURES as exc:
-            raise StoreError(str(exc)) from exc
+        else:
+            try:
+                async with self._transaction() as db:
+                    await db.execute(_INSERT_CLICKS, (rows,))
+                    await db.executemany(
+                        "UPDATE clicks SET bot_reason = 'burst' WHERE send_id = ?"
+                        " AND clicked_at >= ? AND bot_reason IS NULL",
+                        bursts,
+                    )
+            except _FAILURES as exc:
+                raise StoreError(str(exc)) from exc
+        self._rollups.clicks_added(len(clicks))
 
-    async def roll_up(self, limit: int | None = None) -> None:
+    async def _roll_up(self, limit: int | None) -> int:
+        """Add up to `limit` stored clicks (None: all) to the counters; how many it added."""
         async with self._lock:
             db = self._connection()
             try:
                 await db.executescript(_roll_up_script(2**62 if limit is None else limit))
+                async with db.execute("SELECT max(0, top - last) FROM roll_range") as cursor:
+                    row = await cursor.fetchone()
+                return row[0] if row else 0
             except BaseException as exc:
                 # Cancelled too (a report request gone): the ROLLBACK queues behind the script,
                 # so the lock is held until the script has ended, and one that failed half-way
@@ -679,20 +523,19 @@ class SQLiteStore:
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
         limit: int = 500,
     ) -> list[CampaignSummary]:  # fmt: skip
-        order = CAMPAIGN_SORTS[sort] + (" DESC" if descending else " ASC")
-        pattern = None
-        if search:
-            pattern = (
-                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            )
+        if search is not None and not storable(search):
+            return []  # (SQLite would read a NUL as the end of the pattern)
+        await self._rollups.catch_up()
+        order = _ORDER[sort] + (" DESC" if descending else " ASC")
         rows = await self._query(
             f"{self._SUMMARY} WHERE (:q IS NULL OR c.campaign_key LIKE :q ESCAPE '\\'"
             f" OR c.name LIKE :q ESCAPE '\\') ORDER BY {order}, c.id DESC LIMIT :limit",
-            {"q": pattern, "limit": limit},
+            {"q": like_pattern(search), "limit": limit},
         )
-        return [_summary(row) for row in rows]
+        return [summary_of(row) for row in rows]
 
     async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
+        await self._rollups.catch_up()
         rows = await self._query(f"{self._SUMMARY} WHERE c.campaign_key = ?", (campaign_id,))
         if not rows:
             return None
@@ -713,20 +556,16 @@ class SQLiteStore:
             "SELECT hour, human, bot FROM click_hours WHERE campaign_id = ? ORDER BY hour",
             (db_id,),
         )
-        return CampaignReport(
-            summary=_summary(rows[0]),
-            links=[_link(row) for row in links],
-            untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in untracked],
-            sends={(r["decision"], r["outcome"]): r["n"] for r in sends},
-            hours=[(r["hour"], r["human"], r["bot"]) for r in hours],
-        )
+        return report_of(rows[0], links, untracked, sends, hours)
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
     ) -> ContactPage | None:
-        last, key = _decode_cursor(after)  # a bad cursor is the caller's mistake, found first
+        last, key = decode_cursor(after)  # a bad cursor is the caller's mistake, found first
         if not 0 < link_id <= MAX_ID:
             return None
+        if not after:
+            await self._rollups.catch_up()
         links = await self._query(
             f"{self._LINKS} JOIN campaigns c ON c.id = l.campaign_id"
             " WHERE l.id = ? AND c.campaign_key = ?",
@@ -734,7 +573,7 @@ class SQLiteStore:
         )
         if not links:
             return None
-        link = _link(links[0])
+        link = link_of(links[0])
         rows = await self._query(
             "SELECT lc.contact_key, lc.send_id, lc.human_clicks, lc.first_click, lc.last_click,"
             " s.contact_id, s.email FROM link_contacts lc JOIN sends s ON s.id = lc.send_id"
@@ -743,14 +582,7 @@ class SQLiteStore:
             " ORDER BY lc.last_click DESC, lc.contact_key DESC LIMIT ?",
             (link_id, last, key, limit + 1),
         )
-        contacts = [
-            ContactClicks(r["contact_id"], r["email"], r["send_id"], r["human_clicks"],
-                          r["first_click"], r["last_click"])
-            for r in rows[:limit]
-        ]  # fmt: skip
-        more = len(rows) > limit
-        cursor = _encode_cursor(rows[limit - 1]) if more else None
-        return ContactPage(link, contacts, cursor)
+        return contact_page(link, rows, limit)
 
     async def _query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any]
@@ -762,52 +594,6 @@ class SQLiteStore:
                 return list(await cursor.fetchall())
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
-
-
-def _summary(row: sqlite3.Row) -> CampaignSummary:
-    return CampaignSummary(
-        campaign_id=row["campaign_key"], name=row["name"], type=row["type"],
-        tracked_sends=row["tracked_sends"], total_clicks=row["total_clicks"],
-        unique_clicks=row["unique_clicks"], bot_clicks=row["bot_clicks"],
-        first_send_at=row["first_send_at"], last_send_at=row["last_send_at"],
-    )  # fmt: skip
-
-
-def _link(row: sqlite3.Row) -> LinkSummary:
-    return LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
-
-
-def _encode_cursor(row: sqlite3.Row) -> str:
-    data = json.dumps([row["last_click"], row["contact_key"]]).encode()
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str | None) -> tuple[float, str]:
-    """(last click, contact key) to continue after; the first page for none or an empty one.
-
-    Raises CursorError for anything `_encode_cursor` did not make (the cursor comes from the
-    query string: any text at all, deeply nested JSON too)."""
-    if not cursor:
-        return (math.inf, "")
-    if len(cursor) > MAX_CURSOR_LENGTH:
-        raise CursorError("the page cursor is too long")
-    try:
-        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, RecursionError) as exc:  # binascii.Error and JSON errors are ValueErrors
-        raise CursorError("the page cursor is not one this service made") from exc
-    match value:
-        case [int() | float() as last, str() as key] if math.isfinite(last) and _utf8(key):
-            return float(last), key
-    raise CursorError("the page cursor is not one this service made")
-
-
-def _utf8(text: str) -> bool:
-    """False for text SQLite cannot take (lone surrogates, as JSON's \\ud800 makes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _make_private(path: Path) -> None:
@@ -839,7 +625,7 @@ def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-async def open_store(path: Path, synchronous: str = "normal") -> SQLiteStore:
+async def open_sqlite(path: Path, synchronous: str = "normal") -> SQLiteStore:
     store = SQLiteStore(path, synchronous)
     await store.open()
     return store

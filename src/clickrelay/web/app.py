@@ -29,7 +29,7 @@ from aiohttp import web
 from clickrelay.config import IPNetwork, Settings, WebSettings
 from clickrelay.limits import ConnectionLimits, forwarded_client
 from clickrelay.reports.app import Reports
-from clickrelay.storage.sqlite import NewClick, Store, StoreError
+from clickrelay.storage.base import NewClick, Store, StoreError
 from clickrelay.tracking.tokens import Signer
 from clickrelay.tracking.urls import to_uri
 from clickrelay.web.bots import BotJudge

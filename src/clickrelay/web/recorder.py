@@ -3,8 +3,7 @@
 Each request enqueues its click and awaits the commit of the batch that holds it; the redirect
 goes out only after that. There is no timer: a flush starts as soon as a click arrives and the
 previous flush has finished, and takes everything that queued meanwhile. Under load, batches grow
-by themselves; at rest, a lone click is committed at once. The report counters are brought up to
-date (`Store.roll_up`) here in small steps, and by the reports themselves before reading.
+by themselves; at rest, a lone click is committed at once.
 
 If storage fails, clicks are held in memory (bounded) and retried every few seconds; requests are
 answered at once meanwhile (the recipient still gets where they were going), and the log says so
@@ -15,20 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 
-from clickrelay.storage.sqlite import NewClick, Store, StoreError
+from clickrelay.storage.base import NewClick, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 HOLD_LIMIT = 100_000  # clicks held in memory while storage is down; beyond it the oldest go
 RETRY_SECONDS = 2.0
-# Under load the report counters are brought up to date this often, in steps small enough
-# (a few milliseconds) not to hold up the click commits waiting behind them; and at once after a
-# full step, so that they keep pace with any click rate.
-ROLL_UP_SECONDS = 0.1
-ROLL_UP_LIMIT = 1000
 
 Held = tuple[NewClick, float | None]  # a click and, for a burst, since when to re-mark
 
@@ -41,8 +34,6 @@ class ClickRecorder:
         self._flusher: asyncio.Task[None] | None = None
         self.storage_down = False
         self.lost = 0
-        self._rolled_at = 0.0
-        self._unrolled = 0  # clicks committed since the last roll-up step (at most)
 
     async def record(self, click: NewClick, burst_since: float | None = None) -> bool:
         """Store a click: True once committed, False if storage is down (held for retry).
@@ -81,22 +72,6 @@ class ClickRecorder:
                     future.set_result(ok)
             if not ok:
                 await asyncio.sleep(RETRY_SECONDS)
-            else:
-                self._unrolled += len(items)
-                if (
-                    self._unrolled >= ROLL_UP_LIMIT
-                    or time.monotonic() - self._rolled_at >= ROLL_UP_SECONDS
-                ):
-                    await self._roll_up()
-
-    async def _roll_up(self) -> None:
-        self._rolled_at = time.monotonic()
-        try:
-            await self.store.roll_up(ROLL_UP_LIMIT)
-        except StoreError as exc:  # the clicks are stored; the counters catch up next time
-            log.error("rolling up click counters failed: %s", exc)
-            return
-        self._unrolled = max(0, self._unrolled - ROLL_UP_LIMIT)
 
     async def _commit(self, items: list[Held]) -> bool:
         clicks = [click for click, _ in items]

@@ -1,0 +1,319 @@
+"""The storage interface: what the relay, the web service and the reports ask of storage.
+
+`Store` speaks the domain (sends, links, clicks, report figures); each backend (`sqlite`,
+`postgres`) implements it with its own SQL. The value types, the page cursors and the link-id
+cache are shared here, so both backends answer alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "CAMPAIGN_SORTS",
+    "MAX_ID",
+    "CampaignReport",
+    "CampaignSummary",
+    "ContactClicks",
+    "ContactPage",
+    "CursorError",
+    "KnownLinks",
+    "LinkSummary",
+    "LinkTarget",
+    "NewClick",
+    "NewSend",
+    "RecordedSend",
+    "Store",
+    "StoreError",
+    "UntrackedLink",
+]
+
+
+class StoreError(Exception):
+    """Storage is unavailable or refused an operation."""
+
+
+class CursorError(ValueError):
+    """A page cursor (`after`) that this store never issued: the request is bad (400)."""
+
+
+MAX_ID = 2**63 - 1  # a 64-bit signed id: a larger one matches no row (and cannot be bound)
+MAX_CURSOR_LENGTH = 1024
+LINK_CACHE_SIZE = 50_000
+
+# How the campaign list can be ordered (each backend maps these names to its own SQL).
+CAMPAIGN_SORTS = frozenset({
+    "last_send", "first_send", "name", "type", "tracked_sends", "total_clicks",
+    "unique_clicks", "click_rate", "bot_clicks",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NewSend:
+    campaign_key: str
+    campaign_name: str | None
+    campaign_type: str
+    contact_id: str | None
+    email: str | None
+    message_id: str | None
+    decision: str  # "tracked" or the reason it was not rewritten
+    tracked_urls: Sequence[str] = ()
+    untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RecordedSend:
+    send_id: int
+    sent_at: float
+    link_ids: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class LinkTarget:
+    link_id: int
+    url: str
+
+
+@dataclass(frozen=True)
+class NewClick:
+    """A hit on a tracking link. Its campaign and contact come from the send when it is stored;
+    a click whose send or link does not exist (or belongs to another campaign) is dropped."""
+
+    send_id: int
+    link_id: int
+    clicked_at: float
+    ip: str | None
+    user_agent: str | None
+    method: str
+    bot_reason: str | None  # None for a human click
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    campaign_id: str  # the X-Campaign-Id
+    name: str | None
+    type: str
+    tracked_sends: int
+    total_clicks: int  # human clicks
+    unique_clicks: int  # distinct contacts with a human click
+    bot_clicks: int
+    first_send_at: float
+    last_send_at: float
+
+    @property
+    def click_rate(self) -> float:
+        return round(self.unique_clicks / self.tracked_sends, 4) if self.tracked_sends else 0.0
+
+
+@dataclass(frozen=True)
+class LinkSummary:
+    link_id: int
+    url: str
+    total_clicks: int
+    unique_clicks: int
+    bot_clicks: int
+
+
+@dataclass(frozen=True)
+class UntrackedLink:
+    url: str
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class CampaignReport:
+    summary: CampaignSummary
+    links: list[LinkSummary]
+    untracked: list[UntrackedLink]
+    sends: dict[tuple[str, str], int]  # (decision, outcome) -> messages
+    hours: list[tuple[int, int, int]]  # (hour since the epoch, human clicks, bot clicks)
+
+
+@dataclass(frozen=True)
+class ContactClicks:
+    contact_id: str | None
+    email: str | None
+    send_id: int
+    clicks: int
+    first_click: float
+    last_click: float
+
+
+@dataclass(frozen=True)
+class ContactPage:
+    link: LinkSummary
+    contacts: list[ContactClicks]
+    next_cursor: str | None  # pass as `after` for the next page; None on the last page
+
+
+class Store(Protocol):
+    instance_id: str  # made once per database: part of the token key
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless storage answers."""
+
+    async def record_send(self, send: NewSend) -> RecordedSend:
+        """Commit the send, its campaign, links and untracked-link counts; return the ids."""
+
+    async def set_send_decision(self, send_id: int, decision: str) -> None: ...
+
+    async def set_send_outcome(self, send_id: int, outcome: str) -> None:
+        """`accepted`, `refused` or `deferred`: only accepted (or pending) sends count as sent."""
+
+    async def get_link(self, link_id: int) -> LinkTarget | None: ...
+
+    async def add_clicks(
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
+    ) -> None:
+        """Commit a batch of clicks in one transaction. `bursts`: (send id, since) pairs whose
+        human clicks since then are re-marked as bot clicks (reason `burst`)."""
+
+    async def campaigns(
+        self, search: str | None = None, sort: str = "last_send", descending: bool = True,
+        limit: int = 500,
+    ) -> list[CampaignSummary]:  # fmt: skip
+        """Campaigns with their figures, every click stored so far counted; `sort`: one of
+        CAMPAIGN_SORTS."""
+
+    async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
+        """The campaign's figures, every click stored so far counted."""
+
+    async def link_contacts(
+        self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
+    ) -> ContactPage | None:
+        """Contacts with human clicks on a link, most recent first, one page at a time (the
+        first page counts every click stored so far; the next ones go on from there).
+
+        None for an unknown link (any id, however large); CursorError for an `after` that is
+        not a `next_cursor` this store made."""
+
+
+# ---------------------------------------------------------------- shared by the backends
+
+
+class KnownLinks:
+    """Link ids by (campaign, URL), most recently used kept: a send of a known campaign needs
+    no link lookup. Only committed rows may be remembered."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self._ids: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._size = LINK_CACHE_SIZE if size is None else size
+
+    def split(self, campaign_id: int, urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+        """(the ids known now, the URLs to look up): read at once, as other sends may evict
+        them while this one waits for the database."""
+        known: dict[str, int] = {}
+        missing = []
+        for url in dict.fromkeys(urls):
+            link_id = self._ids.get((campaign_id, url))
+            if link_id is None:
+                missing.append(url)
+            else:
+                known[url] = link_id
+                self._ids.move_to_end((campaign_id, url))
+        return known, missing
+
+    def remember(self, campaign_id: int, ids: Mapping[str, int]) -> None:
+        for url, link_id in ids.items():
+            self._ids[(campaign_id, url)] = link_id  # a cached one keeps its place
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+
+def summary_of(row: Mapping[str, Any]) -> CampaignSummary:
+    return CampaignSummary(
+        campaign_id=row["campaign_key"], name=row["name"], type=row["type"],
+        tracked_sends=row["tracked_sends"], total_clicks=row["total_clicks"],
+        unique_clicks=row["unique_clicks"], bot_clicks=row["bot_clicks"],
+        first_send_at=row["first_send_at"], last_send_at=row["last_send_at"],
+    )  # fmt: skip
+
+
+def link_of(row: Mapping[str, Any]) -> LinkSummary:
+    return LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
+
+
+def report_of(
+    summary: Mapping[str, Any], links: Sequence[Mapping[str, Any]],
+    untracked: Sequence[Mapping[str, Any]], sends: Sequence[Mapping[str, Any]],
+    hours: Sequence[Mapping[str, Any]],
+) -> CampaignReport:  # fmt: skip
+    return CampaignReport(
+        summary=summary_of(summary),
+        links=[link_of(row) for row in links],
+        untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in untracked],
+        sends={(r["decision"], r["outcome"]): r["n"] for r in sends},
+        hours=[(r["hour"], r["human"], r["bot"]) for r in hours],
+    )
+
+
+def contact_page(link: LinkSummary, rows: Sequence[Mapping[str, Any]], limit: int) -> ContactPage:
+    """A page from up to `limit + 1` rows (one more than the page: is there a next one?)."""
+    contacts = [
+        ContactClicks(r["contact_id"], r["email"], r["send_id"], r["human_clicks"],
+                      r["first_click"], r["last_click"])
+        for r in rows[:limit]
+    ]  # fmt: skip
+    more = len(rows) > limit
+    return ContactPage(link, contacts, _encode_cursor(rows[limit - 1]) if more else None)
+
+
+def like_pattern(search: str | None) -> str | None:
+    """A LIKE pattern (ESCAPE '\\') matching `search` anywhere, wildcards taken literally."""
+    if not search:
+        return None
+    return "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _encode_cursor(row: Mapping[str, Any]) -> str:
+    data = json.dumps([row["last_click"], row["contact_key"]]).encode()
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> tuple[float, str]:
+    """(last click, contact key) to continue after; the first page for none or an empty one.
+
+    Raises CursorError for anything `_encode_cursor` did not make (the cursor comes from the
+    query string: any text at all, deeply nested JSON too)."""
+    if not cursor:
+        return (math.inf, "")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise CursorError("the page cursor is too long")
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError) as exc:  # binascii.Error and JSON errors are ValueErrors
+        raise CursorError("the page cursor is not one this service made") from exc
+    match value:
+        case [int() | float() as last, str() as key] if math.isfinite(last) and storable(key):
+            return float(last), key
+    raise CursorError("the page cursor is not one this service made")
+
+
+def storable(text: str) -> bool:
+    """False for text no backend can store: lone surrogates (JSON's \\ud800 makes them, and
+    aiohttp's header decoding) and NUL (PostgreSQL text has none)."""
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def cleaned(text: str | None) -> str | None:
+    """`text` made storable: NULs dropped, what is not UTF-8 replaced."""
+    if text is None or storable(text):
+        return text
+    return text.replace("\0", "").encode("utf-8", "replace").decode("utf-8")

@@ -1,0 +1,61 @@
+"""What only the SQLite backend promises: schema version and WAL in the file, two processes on
+one file, clean failure and shutdown (the rest: test_storage_contract.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sqlite3
+import warnings
+
+import pytest
+
+from clickrelay.storage.base import NewSend, StoreError
+from clickrelay.storage.sqlite import MIGRATIONS
+from clickrelay.storage.sqlite import open_sqlite as open_store
+
+
+def send() -> NewSend:
+    return NewSend("c1", None, "standard", "42", None, None, "tracked", ("https://a.example/",))
+
+
+async def test_schema_is_versioned_and_instance_id_is_stable(tmp_path):
+    path = tmp_path / "db" / "clickrelay.sqlite3"
+    store = await open_store(path)
+    instance = store.instance_id
+    await store.close()
+    again = await open_store(path)
+    assert again.instance_id == instance and len(instance) == 32
+    await again.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_two_processes_sharing_the_file_agree_on_link_ids(tmp_path):
+    path = tmp_path / "shared.sqlite3"
+    one, two = await open_store(path), await open_store(path)
+    results = await asyncio.gather(*(s.record_send(send()) for s in (one, two) for _ in range(5)))
+    await one.close()
+    await two.close()
+    assert len({tuple(sorted(r.link_ids.items())) for r in results}) == 1
+    assert len({r.send_id for r in results}) == 10
+
+
+async def test_unopenable_database_is_a_store_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot open"):
+        await open_store(blocker / "sub" / "db.sqlite3")
+
+
+async def test_close_right_after_open_leaves_no_connection_behind(tmp_path):
+    """A startup that fails just after the store opened (say, a bad TLS key) closes it at once:
+    no connection may be dropped half-opened (its thread would call back into a closed loop)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = await open_store(tmp_path / "s.sqlite3")
+        await asyncio.sleep(0)  # background tasks take their first step
+        await store.close()
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []
