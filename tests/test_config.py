@@ -196,3 +196,21 @@ def test_hash_password_reads_stdin(tmp_path):
 
     assert verify("correct horse", result.stdout.strip())
     assert not verify("wrong horse", result.stdout.strip())
+
+
+def test_storage_url_and_database_are_alternatives_and_passwords_are_masked(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\ndatabase = "/tmp/x.sqlite3"\n'
+        'url = "postgresql://cr@db:5432/cr"\n'
+    )
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert caught.value.key == "storage.url"
+    path.write_text(
+        '[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\n'
+        'url = "postgresql://cr:Sup3rSecret@db:5432/cr"\n'
+    )
+    shown = config.describe(config.load(path))
+    assert "Sup3rSecret" not in shown
+    assert 'url = "postgresql://cr:********@db:5432/cr"' in shown
