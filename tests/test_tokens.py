@@ -80,3 +80,29 @@ def test_too_short_secret_file_is_refused(tmp_path):
     path.write_text("short\n")
     with pytest.raises(ValueError, match="fewer than 16 bytes"):
         load_secret(path)
+
+
+def test_processes_creating_the_secret_at_once_agree_on_one(tmp_path):
+    """Nodes on one host started together, with no secret file yet: one secret for all (the
+    losers read the winner's whole file, never a half-written one)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "secret"
+    script = (
+        "import sys; from pathlib import Path; from clickrelay.tracking.tokens import load_secret;"
+        "sys.stdin.read(); print(load_secret(Path(sys.argv[1])).decode())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]  # fmt: skip
+    for proc in procs:  # all imported and waiting: release them together
+        proc.stdin.close()
+    secrets = {proc.stdout.read().strip() for proc in procs}
+    for proc in procs:
+        proc.wait(timeout=60)
+    assert all(proc.returncode == 0 for proc in procs)
+    assert secrets == {path.read_text().strip()} and len(path.read_text().strip()) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["secret"]  # no drafts left behind
