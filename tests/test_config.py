@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,23 @@ def test_storage_url_and_database_are_alternatives_and_passwords_are_masked(tmp_
     shown = config.describe(config.load(path))
     assert "Sup3rSecret" not in shown
     assert 'url = "postgresql://cr:********@db:5432/cr"' in shown
+
+
+def test_migrate_applies_the_schema_and_exits(tmp_path, capsys):
+    from clickrelay import cli
+
+    path = tmp_path / "c.toml"
+    database = tmp_path / "data" / "db.sqlite3"
+    path.write_text(
+        f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\ndatabase = "{database}"\n'
+    )
+    assert cli.main(["migrate", "--config", str(path)]) == 0
+    assert f"storage schema up to date: {database}" in capsys.readouterr().out
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    blocked = tmp_path / "c2.toml"
+    blocked.write_text(
+        f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\ndatabase = "{path}/sub/db.sqlite3"\n'
+    )
+    assert cli.main(["migrate", "--config", str(blocked)]) == 2
+    assert capsys.readouterr().err.startswith("clickrelay: storage.database: cannot open")

@@ -1,4 +1,4 @@
-"""Command line: `clickrelay run|smtp|web|check-config|hash-password`.
+"""Command line: `clickrelay run|smtp|web|migrate|check-config|hash-password`.
 
 User mistakes (config, ports, TLS files) end with exit status 2 and one line on stderr.
 """
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clickrelay import __version__, config, passwords
-from clickrelay.service import Parts, StartupError, prepare_embedded, serve
+from clickrelay.service import Parts, StartupError, migrate, prepare_embedded, serve
 
 EMBEDDED_DATA_DIR = Path("clickrelay-data")
 EXIT_USAGE = 2
@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     command("run", _run, "SMTP relay and HTTP service in one process", False)
     command("smtp", _smtp, "the SMTP relay alone", True)
     command("web", _web, "the HTTP service (clicks, reports) alone", True)
+    command("migrate", _migrate, "apply the storage schema (as every node does at start)", True)
     command("check-config", _check_config, "validate a config file and print it", True)
     command("hash-password", _hash_password, "make a password hash for the config", None)
     return parser
@@ -90,6 +91,13 @@ def _serve(args: argparse.Namespace, parts: Parts) -> int:
     else:
         settings = config.load(args.config)
     asyncio.run(serve(settings, parts))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    asyncio.run(migrate(settings))
+    print(f"storage schema up to date: {settings.storage.url or settings.storage.database}")
     return 0
 
 
