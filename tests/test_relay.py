@@ -13,7 +13,15 @@ import pytest
 from clickrelay.config import HostPort, UpstreamURL
 from clickrelay.passwords import hash_password
 
-from support import RawClient, ScriptedUpstream, message, relay_settings, send, start_relay
+from support import (
+    LOOPBACK,
+    RawClient,
+    ScriptedUpstream,
+    message,
+    relay_settings,
+    send,
+    start_relay,
+)
 
 
 def no_trace(settings):
@@ -114,13 +122,17 @@ async def test_temporary_data_refusal_becomes_451(upstream, relay):
 async def test_upstream_down_gives_4xx_and_nothing_acknowledged(upstream, settings):
     port = upstream.port
     await upstream.stop()
+    with pytest.raises(ConnectionRefusedError):  # the upstream port really is closed now
+        await asyncio.open_connection(LOOPBACK, port)
     async with start_relay(settings) as relay:
         client = await RawClient.connect(relay.port)
         await client.cmd("EHLO client.test")
         reply = await client.cmd("MAIL FROM:<s@x.test>")
+        rcpt = await client.cmd("RCPT TO:<r@x.test>")
         await client.close()
-    assert reply.startswith("451 4.4.1 Upstream unavailable")
-    assert port  # the upstream port existed and was closed
+    assert reply.startswith("451 4.4.1 Upstream unavailable, try again later (")
+    assert f"port {port}:" in reply  # the refused connection to that port is the reason given
+    assert rcpt.startswith("503 ")  # the refused MAIL opened no transaction
 
 
 async def test_upstream_stall_past_timeout_gives_451_in_time(upstream, settings):

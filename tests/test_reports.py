@@ -142,8 +142,13 @@ async def test_pages_show_the_rows(web_settings):
                                            headers=basic_auth())).text()  # fmt: skip
     assert "Spring" in listing and "66.7%" in listing
     assert A in page and B in page and "<svg" in page and "mailto:help@example.com" in page
-    assert "mailto links" in page.lower() or "not a web link" in page.lower()
-    assert "Merge tag" in page or "merge tag" in page
+    scheme = "<strong>scheme</strong>: Not a web link (mailto:, tel:, sms:, javascript:, ...)."
+    placeholder = (
+        "<strong>placeholder</strong>: Contains a merge tag your sending system did not fill in"
+        " ({{...}}, *|...|*)."
+    )
+    assert scheme in page
+    assert placeholder in page
     assert "one@example.com" in who and "two@example.com" in who
 
 

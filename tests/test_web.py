@@ -247,8 +247,8 @@ async def test_concurrent_clicks_are_group_committed(web_settings):
     stored = clicks(web_settings)
     assert sorted(send_id for send_id, *_ in stored) == sorted(s for s, _ in sends)  # each once
     assert sum(batches) == 50
-    assert max(batches) > 1  # some transaction committed several clicks at once
-    assert len(batches) <= 10, batches  # a few commits, not one per click
+    assert max(batches) > 1, batches  # some transaction committed several clicks at once
+    assert len(batches) <= 25, batches  # two clicks a commit on average, not one per click
 
 
 async def test_counters_keep_pace_with_clicks_whatever_the_clock(web_settings, monkeypatch):
