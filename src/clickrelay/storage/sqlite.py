@@ -175,6 +175,7 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 CHECKPOINT_SECONDS = 1.0
+WAL_SWITCH_SECONDS = 10.0  # as long as busy_timeout
 _ORDER = {  # CAMPAIGN_SORTS
     "last_send": "c.last_send_at",
     "first_send": "c.first_send_at",
@@ -290,7 +291,7 @@ class SQLiteStore:
         await db.execute("PRAGMA busy_timeout = 10000")
         if read_only:
             return db
-        await db.execute("PRAGMA journal_mode = WAL")
+        await self._use_wal(db)
         # Checkpoints (which fsync) run in the background, not inside a click's commit.
         await db.execute("PRAGMA wal_autocheckpoint = 0")
         await db.execute(
@@ -298,6 +299,20 @@ class SQLiteStore:
         )
         await db.execute("PRAGMA foreign_keys = ON")
         return db
+
+    @staticmethod
+    async def _use_wal(db: aiosqlite.Connection) -> None:
+        """Switch to WAL. On a new file, connections of processes starting at once each try to;
+        SQLite answers "locked" at once to all but one (no busy wait there), so retry a while."""
+        deadline = asyncio.get_running_loop().time() + WAL_SWITCH_SECONDS
+        while True:
+            try:
+                await db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
