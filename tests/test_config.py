@@ -14,6 +14,7 @@ from clickrelay import config
 from clickrelay.config import ConfigError, HostPort, UpstreamURL
 from clickrelay.passwords import hash_password
 
+import pg
 from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,3 +236,51 @@ def test_migrate_applies_the_schema_and_exits(tmp_path, capsys):
     )
     assert cli.main(["migrate", "--config", str(blocked)]) == 2
     assert capsys.readouterr().err.startswith("clickrelay: storage.database: cannot open")
+
+
+@pytest.mark.skipif(pg.binaries() is None, reason="no PostgreSQL server binaries here")
+def test_password_file_logs_in_with_its_trailing_newline_stripped(tmp_path, capsys):
+    from clickrelay import cli
+
+    server = pg.server()
+    password = 'p"w \\ ünïcode'
+    server.psql(
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{pg.PASSWORD_USER}')"
+        f" THEN CREATE ROLE {pg.PASSWORD_USER} LOGIN; END IF; END $$"
+    )
+    server.psql(f"ALTER ROLE {pg.PASSWORD_USER} PASSWORD '{password}'")
+    database = f"owned_{tmp_path.name[-20:]}".replace("-", "_").lower()
+    server.psql(f'CREATE DATABASE "{database}" OWNER {pg.PASSWORD_USER}')
+    secret = tmp_path / "db-password"
+    secret.write_text(password + "\n")
+    path = tmp_path / "c.toml"
+
+    def configure(password_file: Path) -> None:
+        path.write_text(
+            '[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\n'
+            f'url = "{server.url(database, pg.PASSWORD_USER)}"\n'
+            f'password_file = "{password_file}"\n'
+        )
+
+    configure(secret)
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert f'password_file = "{secret}"' in shown and "ünïcode" not in shown
+    assert cli.main(["migrate", "--config", str(path)]) == 0
+    assert "storage schema up to date" in capsys.readouterr().out
+    owner = "SELECT tableowner FROM pg_tables WHERE tablename = 'clicks'"
+    assert server.psql(owner, database) == pg.PASSWORD_USER
+
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text(password + "x\n")
+    configure(wrong)
+    assert cli.main(["migrate", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("clickrelay: storage.url: cannot open the PostgreSQL database:")
+    assert "password authentication failed" in error and error.count("\n") == 1
+    assert "ünïcode" not in error
+
+    configure(tmp_path / "missing")
+    assert cli.main(["migrate", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"clickrelay: storage.password_file: cannot read {tmp_path}/missing")

@@ -33,7 +33,7 @@ from clickrelay.limits import LogThrottle
 from clickrelay.smtp.pipeline import MessagePipeline
 from clickrelay.smtp.relay import RelayServer
 from clickrelay.smtp.upstream import create_upstream
-from clickrelay.storage import Store, StoreError, open_store
+from clickrelay.storage import PasswordFileError, Store, StoreError, open_store
 from clickrelay.tracking.tokens import Signer, load_secret
 from clickrelay.web.app import LimitedSite, create_app, limited_site, runner
 from clickrelay.web.recorder import ClickRecorder
@@ -139,6 +139,8 @@ async def _open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> S
     key = "storage.database" if settings.storage.url is None else "storage.url"
     try:
         store = await open_store(settings.storage)
+    except PasswordFileError as exc:
+        raise StartupError("storage.password_file", str(exc)) from None
     except StoreError as exc:
         raise StartupError(key, str(exc)) from None
     stack.push_async_callback(store.close)

@@ -8,7 +8,11 @@ from clickrelay.storage.base import Store, StoreError
 from clickrelay.storage.postgres import open_postgres
 from clickrelay.storage.sqlite import open_sqlite
 
-__all__ = ["Store", "StoreError", "open_store", "read_password"]
+__all__ = ["PasswordFileError", "Store", "StoreError", "open_store"]
+
+
+class PasswordFileError(StoreError):
+    """`password_file` cannot be read (a config mistake, unlike the database being down)."""
 
 
 async def open_store(settings: StorageSettings) -> Store:
@@ -17,15 +21,15 @@ async def open_store(settings: StorageSettings) -> Store:
     if path is not None:
         return await open_sqlite(path, settings.synchronous)
     assert settings.url is not None
-    return await open_postgres(settings.url.url, read_password(settings), settings.pool_size)
+    return await open_postgres(settings.url.url, _read_password(settings), settings.pool_size)
 
 
-def read_password(settings: StorageSettings) -> str | None:
+def _read_password(settings: StorageSettings) -> str | None:
     """The database password from `password_file` (its trailing newline stripped), if set."""
     if settings.password_file is None:
         return None
     try:
         text = settings.password_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise StoreError(f"cannot read {settings.password_file}: {exc}") from None
+        raise PasswordFileError(f"cannot read {settings.password_file}: {exc}") from None
     return text.rstrip("\r\n")
