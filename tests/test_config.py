@@ -13,6 +13,7 @@ import pytest
 from clickrelay import config
 from clickrelay.config import ConfigError, HostPort, UpstreamURL
 from clickrelay.passwords import hash_password
+from clickrelay.storage.sqlite import MIGRATIONS
 
 import pg
 from support import free_port
@@ -46,7 +47,8 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path):
         if section.name == "source":
             continue
         assert f"[{section.name}]" in text
-        for spec in config.fields(getattr(settings, section.name)):
+        kind = section.type.removeprefix("tuple[").removesuffix(", ...]")  # [[webhooks]]
+        for spec in config.fields(getattr(config, kind)):
             documented = f"{spec.name} =" in text or f"[{section.name}.{spec.name}]" in text
             assert documented, f"{section.name}.{spec.name} is not documented"
 
@@ -229,7 +231,7 @@ def test_migrate_applies_the_schema_and_exits(tmp_path, capsys):
     assert cli.main(["migrate", "--config", str(path)]) == 0
     assert f"storage schema up to date: {database}" in capsys.readouterr().out
     with sqlite3.connect(database) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     blocked = tmp_path / "c2.toml"
     blocked.write_text(
         f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[storage]\ndatabase = "{path}/sub/db.sqlite3"\n'
@@ -284,3 +286,52 @@ def test_password_file_logs_in_with_its_trailing_newline_stripped(tmp_path, caps
     assert cli.main(["migrate", "--config", str(path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"clickrelay: storage.password_file: cannot read {tmp_path}/missing")
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('url = "https://crm.example/h"\n', "webhooks[0].secret_file"),
+        ('url = "ftp://crm.example/h"\nsecret_file = "s"\n', "webhooks[0].url"),
+        ('url = "https://u:p@crm.example/h"\nsecret_file = "s"\n', "webhooks[0].url"),
+        ('url = "https://crm.example/h"\nsecret_file = "s"\nevents = ["open"]\n',
+         "webhooks[0].events"),
+        ('url = "https://crm.example/h"\nsecret_file = "s"\nevents = []\n', "webhooks[0].events"),
+        ('url = "https://crm.example/h"\nsecret_file = "s"\nretries = 3\n', "webhooks[0].retries"),
+        ('url = "https://crm.example/h"\nsecret_file = "s"\n[[webhooks]]\n'
+         'url = "https://crm.example/h"\nsecret_file = "t"\n', "webhooks[1].url"),
+    ],
+)  # fmt: skip
+def test_webhook_mistakes_name_the_endpoint_and_key(tmp_path, table, key):
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL + "[[webhooks]]\n" + table)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.key == key
+
+
+def test_webhooks_are_shown_by_check_config_and_a_bad_key_file_stops_the_start(tmp_path):
+    secret = tmp_path / "hook-secret"
+    path = write_webhook_config(tmp_path, secret)
+    shown = config.describe(config.load(path))
+    assert '[[webhooks]]\nurl = "https://crm.example/h"' in shown
+    assert 'events = ["click", "send"]' in shown
+    secret.write_text("not a key\n")
+    result = cli("web", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"clickrelay: webhooks[0].secret_file: {secret} does not hold a whsec_... key"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def write_webhook_config(tmp_path: Path, secret: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'{MINIMAL}[web]\nlisten = "127.0.0.1:{free_port()}"\n'
+        f'[storage]\ndatabase = "{tmp_path}/db.sqlite3"\n'
+        f'[tracking]\nsecret_file = "{tmp_path}/secret"\n'
+        f'[[webhooks]]\nurl = "https://crm.example/h"\nsecret_file = "{secret}"\n'
+        'events = ["click", "send"]\n'
+    )
+    return path

@@ -4,6 +4,7 @@ the `Store` interface only."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -183,3 +184,153 @@ async def test_a_send_keeps_its_link_ids_when_the_cache_evicts_them(storage, mon
             assert {url: recorded.link_ids[url] for url in fixed} == first.link_ids
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------- events out
+
+LATER = 2e9  # an `until` after every test event: all settled
+ENDPOINT = "https://crm.example/hook"
+
+
+async def test_events_are_clicks_and_accepted_tracked_sends_in_commit_order(store):
+    tracked = await store.record_send(send(email="a@example.com"))
+    untracked = await store.record_send(send(contact_id="43", decision="no_links"))
+    link = tracked.link_ids["https://b.example/"]
+    await store.set_send_outcome(untracked.send_id, "accepted")  # not tracked: no event
+    now = time.time()
+    await store.add_clicks([click(tracked.send_id, link, now - 10),
+                            click(tracked.send_id, link, now - 5, bot="head")])  # fmt: skip
+    await store.set_send_outcome(tracked.send_id, "accepted")
+    await store.set_send_outcome(tracked.send_id, "accepted")  # again: no second event
+    page = await store.events(None, 10, LATER)
+    assert [(e.type, e.at) for e in page.events[:2]] == [("click", now - 10),
+                                                          ("bot_click", now - 5)]  # fmt: skip
+    human, sent = page.events[0], page.events[2]
+    assert (human.link_id, human.url, human.bot_reason, human.campaign_name) == (
+        link, "https://b.example/", None, "Spring")  # fmt: skip
+    assert (sent.type, sent.campaign_id, sent.contact_id, sent.email, sent.message_id) == (
+        "send", "c1", "42", "a@example.com", "<m@x>")  # fmt: skip
+    assert now - 1 < sent.at < time.time() + 1 and sent.sent_at == 1_700_000_000.0
+    assert len(page.events) == 3 and len({e.event_id for e in page.events}) == 3
+    rest = await store.events(page.next_cursor, 10, LATER)
+    assert rest.events == [] and rest.next_cursor == page.next_cursor
+    early = await store.events(None, 10, now - 5)  # the bot click not settled yet: a stop
+    assert [e.type for e in early.events] == ["click"]
+    with pytest.raises(CursorError):
+        await store.events("bm90LWEtY3Vyc29y", 10, LATER)
+
+
+async def test_the_feed_sees_every_event_once_with_two_writers(storage):
+    one, two = await open_store(storage), await open_store(storage)
+    try:
+        recorded = await one.record_send(send())
+        link = recorded.link_ids["https://a.example/"]
+        seen: list[str] = []
+        after = None
+
+        async def read() -> None:
+            nonlocal after
+            page = await two.events(after, 7, LATER)
+            seen.extend(e.event_id for e in page.events)
+            after = page.next_cursor
+
+        for round_ in range(10):
+            batch = [click(recorded.send_id, link, 1_700_000_100.0 + round_)] * 3
+            await asyncio.gather(one.add_clicks(batch), two.add_clicks(batch), read())
+        for _ in range(20):
+            await read()
+    finally:
+        await one.close()
+        await two.close()
+    assert len(seen) == 60 and len(set(seen)) == 60
+
+
+async def test_deliveries_are_leased_to_one_node_and_claimed_again_when_it_dies(storage):
+    one, two = await open_store(storage), await open_store(storage)
+    try:
+        assert await one.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER) == []
+        recorded = await one.record_send(send())
+        link = recorded.link_ids["https://a.example/"]
+        await one.add_clicks([click(recorded.send_id, link, 1_700_000_100.0 + n)
+                              for n in range(6)])  # fmt: skip
+        claims = await asyncio.gather(
+            one.claim_deliveries(ENDPOINT, ("click",), 4, 60, LATER),
+            two.claim_deliveries(ENDPOINT, ("click",), 4, 60, LATER),
+        )
+        ids = [d.event.event_id for claim in claims for d in claim]
+        assert len(ids) == 6 and len(set(ids)) == 6  # each event to one node
+        assert {d.attempt for claim in claims for d in claim} == {1}
+        assert await one.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER) == []
+        # A node that dies mid-delivery: its lease runs out, another node takes the event.
+        dying = await one.claim_deliveries(ENDPOINT + "/2", ("click",), 10, 0.2, LATER)
+        assert dying == []  # a new endpoint starts with the next event
+        await one.add_clicks([click(recorded.send_id, link, 1_700_000_200.0)])
+        dying = await one.claim_deliveries(ENDPOINT + "/2", ("click",), 10, 0.2, LATER)
+        assert len(dying) == 1
+        retaken: list = []
+        deadline = time.monotonic() + 10
+        while not retaken:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+            retaken = await two.claim_deliveries(ENDPOINT + "/2", ("click",), 10, 60, LATER)
+        assert retaken[0].event.event_id == dying[0].event.event_id
+        assert retaken[0].attempt == 2
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_delivery_outcomes_are_counted_per_endpoint(store):
+    recorded = await store.record_send(send())
+    await store.set_send_outcome(recorded.send_id, "accepted")
+    assert await store.claim_deliveries(ENDPOINT, ("click", "send"), 10, 60, LATER) == []
+    link = recorded.link_ids["https://a.example/"]
+    await store.add_clicks([click(recorded.send_id, link, 1_700_000_100.0 + n, bot=bot)
+                            for n, bot in enumerate([None, None, "head", None])])  # fmt: skip
+    claimed = await store.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER)
+    assert [d.event.type for d in claimed] == ["click"] * 3
+    first, second, third = claimed
+    await store.finish_delivery(first.delivery_id, None, None)
+    await store.finish_delivery(second.delivery_id, "HTTP 503", time.time() + 0.2)
+    await store.finish_delivery(third.delivery_id, "no answer within 10 s", None)
+    stats = await store.webhook_stats([ENDPOINT, "https://never.example/"])
+    assert [(s.url, s.delivered, s.pending, s.failed, s.last_error) for s in stats] == [
+        (ENDPOINT, 1, 1, 1, "no answer within 10 s"), ("https://never.example/", 0, 0, 0, None)
+    ]  # fmt: skip
+    assert await store.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER) == []
+    retry: list = []
+    deadline = time.monotonic() + 10
+    while not retry:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+        retry = await store.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER)
+    assert [(d.delivery_id, d.attempt) for d in retry] == [(second.delivery_id, 2)]
+
+
+async def test_postgresql_feed_waits_for_a_transaction_that_took_an_earlier_id(tmp_path):
+    """Identity ids are taken before commit: an event committed after a later one must still
+    come in the feed, once, before the feed goes past it."""
+    if pg.binaries() is None:
+        pytest.skip("no PostgreSQL server binaries here (.ci/run installs Debian's postgresql)")
+    import asyncpg
+
+    storage = pg.storage_for(tmp_path, "postgresql")
+    store = await open_store(storage)
+    con = await asyncpg.connect(storage.url.url)
+    try:
+        recorded = await store.record_send(send())
+        link = recorded.link_ids["https://a.example/"]
+        slow = con.transaction()
+        await slow.start()
+        await con.execute("UPDATE sends SET outcome = 'accepted' WHERE id = $1", recorded.send_id)
+        await store.add_clicks([click(recorded.send_id, link, time.time() - 10)])
+        before = await store.events(None, 10, LATER)
+        await slow.commit()
+        after = await store.events(before.next_cursor, 10, LATER)
+        everything = await store.events(None, 10, LATER)
+    finally:
+        await con.close()
+        await store.close()
+    assert before.events == []  # the click waits behind the open transaction's event
+    assert [e.type for e in after.events] == ["send", "click"]
+    assert after.events == everything.events

@@ -219,6 +219,40 @@ def _storage_url(value: Any) -> StorageURL:
     return StorageURL("postgresql", text)
 
 
+def _webhook_url(value: Any) -> str:
+    text = _nonempty_str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+    if parts.username or parts.password:
+        raise ValueError("no credentials in the URL: receivers verify the signature instead")
+    return text
+
+
+WEBHOOK_EVENTS = ("click", "bot_click", "send")
+
+
+def _webhook_events(value: Any) -> tuple[str, ...]:
+    events = _str_list(value)
+    unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+    if unknown or not events:
+        raise ValueError(f"expected some of {', '.join(WEBHOOK_EVENTS)}; got {events!r}")
+    return tuple(dict.fromkeys(events))
+
+
+def _webhooks(value: Any) -> tuple[WebhookSettings, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"expected [[webhooks]] tables, got {_toml_type(value)}")
+    endpoints = tuple(
+        _build(WebhookSettings, table, f"webhooks[{n}]") for n, table in enumerate(value)
+    )
+    urls = [endpoint.url for endpoint in endpoints]
+    for n, url in enumerate(urls):
+        if url in urls[:n]:
+            raise ConfigError(f"webhooks[{n}].url", f"{url} is configured twice")
+    return endpoints
+
+
 def _password_hash(value: Any) -> str:
     from clickrelay.passwords import is_password_hash
 
@@ -346,6 +380,12 @@ class BotSettings:
     max_clicks_per_minute: int = _field(_int_range(0), 10)
     user_agent_patterns: tuple[re.Pattern[str], ...] = _field(_regex_list, ())
 
+    @property
+    def settle_seconds(self) -> float:
+        """How long after a click its judgement may still change (a burst re-marks it as a
+        bot's): events wait that long before they are told."""
+        return self.burst_seconds if self.burst_links else 0.0
+
 
 @dataclass(frozen=True)
 class HeaderNames:
@@ -364,6 +404,18 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """One `[[webhooks]]` endpoint."""
+
+    url: str = _field(_webhook_url)
+    secret_file: Path = _field(_path)  # "whsec_" + base64 key; created 0600 if absent
+    events: tuple[str, ...] = _field(_webhook_events, ("click",))
+    timeout_seconds: float = _field(_positive_number, 10.0)
+    max_attempts: int = _field(_int_range(1, 100), 12)
+    max_concurrency: int = _field(_int_range(1, 100), 4)  # requests in flight to this endpoint
+
+
+@dataclass(frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -374,6 +426,7 @@ class Settings:
     bots: BotSettings = field(default_factory=BotSettings)
     headers: HeaderNames = field(default_factory=HeaderNames)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    webhooks: tuple[WebhookSettings, ...] = field(default=(), metadata={"parse": _webhooks})
     # Where the settings came from: None means the embedded defaults.
     source: Path | None = field(default=None, compare=False)
 
@@ -428,6 +481,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in known:
             raise ConfigError(_join(prefix, key), "unknown key")
+    for name, spec in known.items():
+        if name not in data and spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(_join(prefix, name), "required")
     values = {}
     for name, value in data.items():
         spec = known[name]
@@ -490,12 +546,14 @@ def describe(settings: Settings) -> str:
     for section in fields(Settings):
         if section.name == "source":
             continue
-        lines.append(f"\n[{section.name}]")
         conf = getattr(settings, section.name)
-        for spec in fields(conf):
-            key = f"{section.name}.{spec.name}"
-            value = getattr(conf, spec.name)
-            lines.append(f"{spec.name} = {_show(key, value)}")
+        tables = conf if isinstance(conf, tuple) else (conf,)
+        heading = f"[[{section.name}]]" if isinstance(conf, tuple) else f"[{section.name}]"
+        for table in tables:
+            lines.append(f"\n{heading}")
+            for spec in fields(table):
+                value = getattr(table, spec.name)
+                lines.append(f"{spec.name} = {_show(f'{section.name}.{spec.name}', value)}")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,8 @@ from aiohttp import web
 
 from clickrelay import secretfile
 from clickrelay.config import ReportsSettings, Settings
+from clickrelay.events import signing
+from clickrelay.events.webhooks import Webhooks
 from clickrelay.limits import LogThrottle
 from clickrelay.smtp.pipeline import MessagePipeline
 from clickrelay.smtp.relay import RelayServer
@@ -93,6 +95,7 @@ class Node:
     signer: Signer
     relay: RelayServer | None = None
     web: WebService | None = None
+    webhooks: Webhooks | None = None
 
 
 async def serve(settings: Settings, parts: Parts) -> None:
@@ -123,6 +126,8 @@ async def running(
             store = await _open_store(settings, stack)
         node = Node(settings, store, _signer(settings, store))
         if parts.web:
+            if settings.webhooks:
+                node.webhooks = await _start_webhooks(node, stack)
             node.web = await _start_web(node, stack)
         if parts.smtp:
             node.relay = await _start_smtp(node, stack)
@@ -154,6 +159,20 @@ def _signer(settings: Settings, store: Store) -> Signer:
     except (OSError, ValueError) as exc:
         raise StartupError("tracking.secret_file", str(exc)) from None
     return Signer(secret, store.instance_id)
+
+
+async def _start_webhooks(node: Node, stack: contextlib.AsyncExitStack) -> Webhooks:
+    """The web nodes deliver webhooks (each event from one node at a time)."""
+    keys = {}
+    for n, endpoint in enumerate(node.settings.webhooks):
+        try:
+            keys[endpoint.url] = signing.load_key(endpoint.secret_file)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"webhooks[{n}].secret_file", str(exc)) from None
+    webhooks = Webhooks(node.store, node.settings, keys)
+    await webhooks.start()
+    stack.push_async_callback(webhooks.close)
+    return webhooks
 
 
 async def _start_smtp(node: Node, stack: contextlib.AsyncExitStack) -> RelayServer:

@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +29,8 @@ from aiohttp import web
 
 from clickrelay import passwords
 from clickrelay.config import ReportsSettings, Settings
+from clickrelay.events.payloads import feed_item
+from clickrelay.isotime import iso
 from clickrelay.limits import AuthThrottle, forwarded_client
 from clickrelay.storage.base import (
     CAMPAIGN_SORTS,
@@ -150,12 +152,6 @@ def _nice(value: int) -> int:
 def _bucket_label(bucket: Bucket) -> str:
     start = datetime.fromtimestamp(bucket.start, UTC)
     return start.strftime("%Y-%m-%d %H:00" if bucket.hours == 1 else "%Y-%m-%d")
-
-
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- JSON shapes (DESIGN.md)
@@ -431,6 +427,8 @@ class Reports:
                 ("/api/campaigns", self.campaigns_api),
                 ("/api" + campaign, self.campaign_api),
                 ("/api" + link, self.contacts_api),
+                ("/api/events", self.events_api),
+                ("/api/webhooks", self.webhooks_api),
             ]
         ]
 
@@ -515,6 +513,18 @@ class Reports:
         limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
         page = await self._contacts(request, limit, request.query.get("after"))
         return web.json_response(contacts_json(page))
+
+    async def events_api(self, request: web.Request) -> web.Response:
+        limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
+        until = time.time() - self.settings.bots.settle_seconds
+        page = await self.store.events(request.query.get("after"), limit, until)
+        return web.json_response(
+            {"events": [feed_item(event) for event in page.events], "next": page.next_cursor}
+        )
+
+    async def webhooks_api(self, request: web.Request) -> web.Response:
+        stats = await self.store.webhook_stats([e.url for e in self.settings.webhooks])
+        return web.json_response({"webhooks": [asdict(endpoint) for endpoint in stats]})
 
     # ------------------------------------------------------------ CSV
 

@@ -8,11 +8,12 @@ cache are shared here, so both backends answer alike.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +25,10 @@ __all__ = [
     "ContactClicks",
     "ContactPage",
     "CursorError",
+    "Delivery",
+    "EndpointStats",
+    "Event",
+    "EventPage",
     "KnownLinks",
     "LinkSummary",
     "LinkTarget",
@@ -47,6 +52,7 @@ class CursorError(ValueError):
 MAX_ID = 2**63 - 1  # a 64-bit signed id: a larger one matches no row (and cannot be bound)
 MAX_CURSOR_LENGTH = 1024
 LINK_CACHE_SIZE = 50_000
+FAN_OUT_LIMIT = 1000  # events turned into one endpoint's deliveries per claim
 
 # How the campaign list can be ordered (each backend maps these names to its own SQL).
 CAMPAIGN_SORTS = frozenset({
@@ -155,6 +161,50 @@ class ContactPage:
     next_cursor: str | None  # pass as `after` for the next page; None on the last page
 
 
+@dataclass(frozen=True)
+class Event:
+    """Something that happened, as the event feed and webhooks tell it: a click (`click`, or
+    `bot_click` when judged a bot) or a tracked send the upstream accepted (`send`). Read from
+    the rows it describes, so an erased contact is gone from its events too."""
+
+    event_id: str  # stable: the `webhook-id` of every delivery of this event
+    type: str
+    at: float
+    campaign_id: str
+    campaign_name: str | None
+    contact_id: str | None
+    email: str | None
+    message_id: str | None
+    sent_at: float
+    link_id: int | None = None  # clicks only, like the rest
+    url: str | None = None
+    bot_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[Event]
+    next_cursor: str  # pass as `after` for what follows (the same cursor when nothing did)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An event claimed for delivery to one endpoint, leased to this node for a while."""
+
+    delivery_id: int
+    attempt: int  # 1 for the first
+    event: Event
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    url: str
+    delivered: int
+    pending: int
+    failed: int
+    last_error: str | None
+
+
 class Store(Protocol):
     instance_id: str  # made once per database: part of the token key
 
@@ -197,6 +247,29 @@ class Store(Protocol):
 
         None for an unknown link (any id, however large); CursorError for an `after` that is
         not a `next_cursor` this store made."""
+
+    async def events(self, after: str | None, limit: int, until: float) -> EventPage:
+        """Events after the cursor `after` (None: from the first), in a stable order: a reader
+        that goes on from each page's `next_cursor` sees every event once. A page ends before
+        the first event at or after `until` (so that a click later judged a burst of bot
+        clicks is told as one). CursorError for a cursor this store did not make."""
+
+    async def claim_deliveries(
+        self, endpoint: str, types: Collection[str], limit: int, lease_seconds: float,
+        until: float,
+    ) -> list[Delivery]:  # fmt: skip
+        """Up to `limit` events due for delivery to `endpoint`, leased for `lease_seconds`:
+        meanwhile no other node claims them; a lease that runs out (the node died) lets them be
+        claimed again. Events of `types` that happened since the last call (before `until`)
+        join the endpoint's deliveries first; a new endpoint starts with the next event."""
+
+    async def finish_delivery(
+        self, delivery_id: int, error: str | None, retry_at: float | None
+    ) -> None:
+        """Delivered (`error` None), to be retried at `retry_at`, or failed for good (neither
+        retry nor success: `retry_at` None)."""
+
+    async def webhook_stats(self, endpoints: Sequence[str]) -> list[EndpointStats]: ...
 
 
 # ---------------------------------------------------------------- shared by the backends
@@ -267,6 +340,86 @@ def contact_page(link: LinkSummary, rows: Sequence[Mapping[str, Any]], limit: in
     ]  # fmt: skip
     more = len(rows) > limit
     return ContactPage(link, contacts, _encode_cursor(rows[limit - 1]) if more else None)
+
+
+# An event's columns, read from the rows it describes (the same SQL on every backend).
+EVENT_COLUMNS = """
+    e.id, e.at, CASE WHEN e.click_id IS NULL THEN 'send'
+        WHEN k.bot_reason IS NULL THEN 'click' ELSE 'bot_click' END AS type,
+    k.link_id, l.url, k.bot_reason, s.contact_id, s.email, s.message_id, s.sent_at,
+    c.campaign_key, c.name AS campaign_name
+    FROM events e JOIN sends s ON s.id = e.send_id JOIN campaigns c ON c.id = s.campaign_id
+    LEFT JOIN clicks k ON k.id = e.click_id LEFT JOIN links l ON l.id = k.link_id"""
+
+
+def settled(rows: Sequence[Mapping[str, Any]], until: float) -> Sequence[Mapping[str, Any]]:
+    """The rows up to the first that happened at or after `until`."""
+    for n, row in enumerate(rows):
+        if row["at"] >= until:
+            return rows[:n]
+    return rows
+
+
+def event_of(row: Mapping[str, Any], instance_id: str) -> Event:
+    return Event(
+        event_id=event_id(instance_id, row["id"]), type=row["type"], at=row["at"],
+        campaign_id=row["campaign_key"], campaign_name=row["campaign_name"],
+        contact_id=row["contact_id"], email=row["email"], message_id=row["message_id"],
+        sent_at=row["sent_at"], link_id=row["link_id"], url=row["url"],
+        bot_reason=row["bot_reason"],
+    )  # fmt: skip
+
+
+def delivery_state(error: str | None, retry_at: float | None) -> str:
+    if error is None:
+        return "delivered"
+    return "pending" if retry_at is not None else "failed"
+
+
+def endpoint_stats(
+    endpoints: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> list[EndpointStats]:
+    """Figures for each configured endpoint (zeros for one that never had a delivery), from
+    rows of (url, last_error, state, n)."""
+    counts: dict[str, dict[str, Any]] = {url: {} for url in endpoints}
+    for row in rows:
+        if row["url"] in counts:
+            counts[row["url"]][row["state"]] = row["n"]
+            counts[row["url"]]["last_error"] = row["last_error"]
+    return [
+        EndpointStats(url, found.get("delivered", 0), found.get("pending", 0),
+                      found.get("failed", 0), found.get("last_error"))
+        for url, found in counts.items()
+    ]  # fmt: skip
+
+
+def event_id(instance_id: str, number: int) -> str:
+    """The public id of event `number`: unique across installations (a receiver may hear from
+    several), without showing the instance id (a part of the token key)."""
+    prefix = hashlib.sha256(f"events:{instance_id}".encode()).hexdigest()[:10]
+    return f"evt_{prefix}_{number}"
+
+
+def encode_event_cursor(position: Sequence[int]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode().rstrip("=")
+
+
+def decode_event_cursor(cursor: str | None, size: int) -> tuple[int, ...]:
+    """The position (`size` integers) after which a feed goes on; all zeros for none."""
+    if not cursor:
+        return (0,) * size
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise CursorError("the event cursor is too long")
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError) as exc:
+        raise CursorError("the event cursor is not one this service made") from exc
+    if (
+        isinstance(value, list) and len(value) == size
+        and all(type(v) is int and 0 <= v <= MAX_ID for v in value)
+    ):  # fmt: skip
+        return tuple(value)
+    raise CursorError("the event cursor is not one this service made")
 
 
 def like_pattern(search: str | None) -> str | None:

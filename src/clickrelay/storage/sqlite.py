@@ -14,17 +14,23 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from clickrelay.storage.base import (
+    EVENT_COLUMNS,
+    FAN_OUT_LIMIT,
     MAX_ID,
     CampaignReport,
     CampaignSummary,
     ContactPage,
+    Delivery,
+    EndpointStats,
+    EventPage,
     KnownLinks,
     LinkTarget,
     NewClick,
@@ -33,9 +39,15 @@ from clickrelay.storage.base import (
     StoreError,
     contact_page,
     decode_cursor,
+    decode_event_cursor,
+    delivery_state,
+    encode_event_cursor,
+    endpoint_stats,
+    event_of,
     like_pattern,
     link_of,
     report_of,
+    settled,
     storable,
     summary_of,
 )
@@ -172,6 +184,39 @@ MIGRATIONS: list[list[str]] = [
                 + iif(NEW.human_clicks > 0, 1, -1) WHERE campaign_id = NEW.campaign_id;
         END""",
     ],
+    [  # 2: events out (the feed, webhooks). An event is a row of its own, written by a trigger
+        # in the transaction of its click or accepted send; AUTOINCREMENT: an id is never reused
+        # (a feed reader's cursor stays valid whatever is pruned).
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            send_id INTEGER NOT NULL,
+            click_id INTEGER,
+            at REAL NOT NULL)""",
+        "CREATE INDEX events_by_click ON events (click_id) WHERE click_id IS NOT NULL",
+        """CREATE TRIGGER clicks_evented AFTER INSERT ON clicks BEGIN
+            INSERT INTO events (send_id, click_id, at)
+                VALUES (NEW.send_id, NEW.id, NEW.clicked_at);
+        END""",
+        """CREATE TRIGGER sends_evented AFTER UPDATE OF outcome ON sends
+        WHEN NEW.outcome = 'accepted' AND OLD.outcome != 'accepted' AND NEW.decision = 'tracked'
+        BEGIN
+            INSERT INTO events (send_id, at)
+                VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400.0);
+        END""",
+        # position: the last event considered for this endpoint's deliveries.
+        """CREATE TABLE webhook_endpoints (
+            id INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE, position INTEGER NOT NULL,
+            last_error TEXT)""",
+        """CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            endpoint_id INTEGER NOT NULL REFERENCES webhook_endpoints(id),
+            event_id INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            due_at REAL NOT NULL,
+            UNIQUE (endpoint_id, event_id))""",
+        "CREATE INDEX deliveries_due ON deliveries (endpoint_id, due_at) WHERE state = 'pending'",
+    ],
 ]
 
 CHECKPOINT_SECONDS = 1.0
@@ -247,7 +292,8 @@ _INSERT_CLICKS = """
            c.value ->> 3, c.value ->> 4, c.value ->> 5, c.value ->> 6
     FROM json_each(?) c
     JOIN sends s ON s.id = c.value ->> 0
-    JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id"""
+    JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id
+    ORDER BY c.key"""  # ids (and events) in the order the clicks came
 
 
 class SQLiteStore:
@@ -609,6 +655,124 @@ class SQLiteStore:
                 return list(await cursor.fetchall())
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
+
+    # ------------------------------------------------------------ events out
+
+    async def events(self, after: str | None, limit: int, until: float) -> EventPage:
+        start = decode_event_cursor(after, 1)
+        rows = settled(
+            await self._query(f"SELECT {EVENT_COLUMNS} WHERE e.id > ? ORDER BY e.id LIMIT ?",
+                              (start[0], limit)),
+            until,
+        )  # fmt: skip
+        events = [event_of(row, self.instance_id) for row in rows]
+        return EventPage(events, encode_event_cursor((rows[-1]["id"],) if rows else start))
+
+    async def claim_deliveries(
+        self, endpoint: str, types: Collection[str], limit: int, lease_seconds: float,
+        until: float,
+    ) -> list[Delivery]:  # fmt: skip
+        if not await self._deliveries_to_make(endpoint):
+            return []
+        try:
+            async with self._transaction() as db:
+                now = time.time()  # once the writer is ours: what others did is in the past
+                endpoint_id = await self._fan_out(db, endpoint, types, until, now)
+                async with db.execute(
+                    "UPDATE deliveries SET due_at = ?, attempts = attempts + 1 WHERE id IN"
+                    " (SELECT id FROM deliveries WHERE endpoint_id = ? AND state = 'pending'"
+                    " AND due_at <= ? ORDER BY due_at, id LIMIT ?)"
+                    " RETURNING id, event_id, attempts",
+                    (now + lease_seconds, endpoint_id, now, limit),
+                ) as cursor:
+                    claimed = list(await cursor.fetchall())
+                if not claimed:
+                    return []
+                marks = ",".join("?" * len(claimed))
+                async with db.execute(
+                    f"SELECT {EVENT_COLUMNS} WHERE e.id IN ({marks})",
+                    [row["event_id"] for row in claimed],
+                ) as cursor:
+                    events = {row["id"]: event_of(row, self.instance_id)
+                              for row in await cursor.fetchall()}  # fmt: skip
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+        return [
+            Delivery(row["id"], row["attempts"], events[row["event_id"]])
+            for row in claimed
+            if row["event_id"] in events
+        ]
+
+    async def _deliveries_to_make(self, endpoint: str) -> bool:
+        """Whether a claim may find anything: new events, or deliveries due (one cheap read,
+        so that an idle endpoint costs no write transaction)."""
+        rows = await self._query(
+            "SELECT id, position FROM webhook_endpoints WHERE url = ?", (endpoint,)
+        )
+        if not rows:
+            return True
+        found = await self._query(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE id > ?) OR EXISTS (SELECT 1 FROM"
+            " deliveries WHERE endpoint_id = ? AND state = 'pending' AND due_at <= ?)",
+            (rows[0]["position"], rows[0]["id"], time.time()),
+        )
+        return bool(found[0][0])
+
+    async def _fan_out(
+        self, db: aiosqlite.Connection, endpoint: str, types: Collection[str], until: float,
+        now: float,
+    ) -> int:  # fmt: skip
+        """The endpoint's id, after adding deliveries for the events of `types` since its last
+        fan-out (a new endpoint starts after the newest event)."""
+        async with db.execute(
+            "INSERT INTO webhook_endpoints (url, position) VALUES"
+            " (?, (SELECT coalesce(max(id), 0) FROM events)) ON CONFLICT (url) DO UPDATE"
+            " SET url = url RETURNING id, position",
+            (endpoint,),
+        ) as cursor:
+            endpoint_id, position = await cursor.fetchone()
+        async with db.execute(
+            f"SELECT {EVENT_COLUMNS} WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            (position, FAN_OUT_LIMIT),
+        ) as cursor:
+            rows = settled(list(await cursor.fetchall()), until)
+        if rows:
+            await db.executemany(
+                "INSERT INTO deliveries (endpoint_id, event_id, due_at) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                [(endpoint_id, row["id"], now) for row in rows if row["type"] in types],
+            )
+            await db.execute(
+                "UPDATE webhook_endpoints SET position = ? WHERE id = ?",
+                (rows[-1]["id"], endpoint_id),
+            )
+        return endpoint_id
+
+    async def finish_delivery(
+        self, delivery_id: int, error: str | None, retry_at: float | None
+    ) -> None:
+        try:
+            async with self._transaction() as db:
+                await db.execute(
+                    "UPDATE deliveries SET state = ?, due_at = coalesce(?, due_at) WHERE id = ?",
+                    (delivery_state(error, retry_at), retry_at, delivery_id),
+                )
+                if error is not None:
+                    await db.execute(
+                        "UPDATE webhook_endpoints SET last_error = ? WHERE id ="
+                        " (SELECT endpoint_id FROM deliveries WHERE id = ?)",
+                        (error, delivery_id),
+                    )
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def webhook_stats(self, endpoints: Sequence[str]) -> list[EndpointStats]:
+        rows = await self._query(
+            "SELECT w.url, w.last_error, d.state, count(d.id) AS n FROM webhook_endpoints w"
+            " LEFT JOIN deliveries d ON d.endpoint_id = w.id GROUP BY w.id, d.state",
+            (),
+        )
+        return endpoint_stats(endpoints, rows)
 
 
 def _make_private(path: Path) -> None:
