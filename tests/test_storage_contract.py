@@ -334,3 +334,150 @@ async def test_postgresql_feed_waits_for_a_transaction_that_took_an_earlier_id(t
     assert before.events == []  # the click waits behind the open transaction's event
     assert [e.type for e in after.events] == ["send", "click"]
     assert after.events == everything.events
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def figures(report) -> tuple:
+    s = report.summary
+    links = [(k.url, k.total_clicks, k.unique_clicks, k.bot_clicks) for k in report.links]
+    return (s.tracked_sends, s.total_clicks, s.unique_clicks, s.bot_clicks, links)
+
+
+async def contacts_of(store, campaign: str, link: int) -> list[tuple]:
+    page = await store.link_contacts(campaign, link, limit=100)
+    return [(c.contact_id, c.email, c.clicks) for c in page.contacts]
+
+
+async def test_erasure_removes_the_contact_everywhere_and_keeps_every_count(store):
+    now = time.time()
+    a1 = await store.record_send(send(email="a@example.com"))
+    a2 = await store.record_send(send(email="a@example.com"))  # sent twice in one campaign
+    other_campaign = await store.record_send(send(campaign_key="c2", email="a@example.com"))
+    b = await store.record_send(send(contact_id="43", email="b@example.com"))
+    for recorded in (a1, a2, other_campaign, b):
+        await store.set_send_outcome(recorded.send_id, "accepted")
+    link_a, link_b = (a1.link_ids[u] for u in ("https://a.example/", "https://b.example/"))
+    await store.claim_deliveries(ENDPOINT, ("click", "send"), 0, 60, LATER)  # subscribed now
+    await store.add_clicks([
+        click(a1.send_id, link_a, now - 50), click(a2.send_id, link_b, now - 40),
+        click(b.send_id, link_a, now - 30), click(a1.send_id, link_b, now - 20, bot="head"),
+        click(other_campaign.send_id, other_campaign.link_ids["https://a.example/"], now - 10),
+    ])  # fmt: skip
+    before = figures(await store.campaign_report("c1"))  # (counted: the roll-up caught up)
+    await store.add_clicks([click(a1.send_id, link_a, now - 5)])  # not counted yet
+    await store.claim_deliveries(ENDPOINT, ("click", "send"), 0, 60, LATER)  # pending now
+
+    erased = await store.erase_contact("42", None)
+
+    assert (erased.sends, erased.clicks) == (3, 5)
+    report = await store.campaign_report("c1")
+    assert figures(report) == (before[0], before[1] + 1, *before[2:4],
+                               [(before[4][0][0], 3, 2, 0), before[4][1]])  # fmt: skip
+    assert await contacts_of(store, "c1", link_a) == [(None, None, 2), ("43", "b@example.com", 1)]
+    events = (await store.events(None, 100, LATER)).events
+    assert len(events) == 10
+    assert {(e.contact_id, e.email) for e in events} == {(None, None), ("43", "b@example.com")}
+    assert {e.message_id for e in events if e.contact_id is None} == {None}
+    pending = await store.claim_deliveries(ENDPOINT, ("click", "send"), 100, 60, LATER)
+    assert {d.event.contact_id for d in pending} == {"43"}  # the contact's were dropped
+    # Their old links still work, and later clicks count without identity, as the same clicker.
+    await store.add_clicks([click(a2.send_id, link_a, now)])
+    again = await store.campaign_report("c1")
+    assert again.summary.unique_clicks == report.summary.unique_clicks
+    assert again.summary.total_clicks == report.summary.total_clicks + 1
+    assert (await store.get_link(link_a)).url == "https://a.example/"
+    assert await store.erase_contact(None, "a@example.com") == store_module.Erased(0, 0)
+    assert (await store.erase_contact(None, "b@example.com")).sends == 1
+
+
+async def test_a_send_without_consent_counts_as_its_own_clicker_without_identity(store):
+    anonymous = await store.record_send(
+        send(contact_id=None, email=None, message_id=None, anonymous=True)
+    )
+    again = await store.record_send(
+        send(contact_id=None, email=None, message_id=None, anonymous=True)
+    )
+    link = anonymous.link_ids["https://a.example/"]
+    await store.add_clicks([click(anonymous.send_id, link, time.time() - 9),
+                            click(again.send_id, link, time.time() - 8)])  # fmt: skip
+    report = await store.campaign_report("c1")
+    assert (report.summary.total_clicks, report.summary.unique_clicks) == (2, 2)
+    assert await contacts_of(store, "c1", link) == [(None, None, 1), (None, None, 1)]
+    events = (await store.events(None, 10, LATER)).events
+    assert [(e.contact_id, e.email) for e in events] == [(None, None)] * 2
+
+
+async def test_retention_prunes_old_clicks_and_identities_in_bounded_steps(store):
+    now = time.time()
+    day = 86400.0
+    old = [await store.record_send(send(contact_id=f"old{n}", sent_at=now - 100 * day))
+           for n in range(3)]  # fmt: skip
+    recent = await store.record_send(send(contact_id="new", sent_at=now - day))
+    link = recent.link_ids["https://a.example/"]
+    await store.add_clicks([click(s.send_id, link, now - 99 * day) for s in old]
+                           + [click(old[0].send_id, link, now - 2 * day),
+                              click(recent.send_id, link, now - day / 2)])  # fmt: skip
+    before = figures(await store.campaign_report("c1"))
+    steps = []
+    for _ in range(20):
+        steps.append(await store.prune(now - 30 * day, 2))
+        if steps[-1] == 0:
+            break
+    assert steps[-1] == 0 and max(steps) <= 2 + 2 * 3 and len(steps) >= 3
+    assert figures(await store.campaign_report("c1")) == before
+    events = (await store.events(None, 100, LATER)).events
+    assert sorted(e.at for e in events) == [now - 2 * day, now - day / 2]
+    assert [e.contact_id for e in events] == [None, "new"]  # the old send's identity is gone
+    assert await contacts_of(store, "c1", link) == [("new", "a@example.com", 1), (None, None, 2),
+                                                   (None, None, 1), (None, None, 1)]  # fmt: skip
+    assert (await store.get_link(link)).url == "https://a.example/"
+
+
+# ---------------------------------------------------------------- audiences
+
+
+async def whole_audience(store, clicked: bool, limit: int) -> list[tuple]:
+    seen, after = [], None
+    for _ in range(20):
+        page = await store.audience("c1", clicked, after, limit)
+        assert page is not None and len(page.contacts) <= limit
+        seen += [(c.contact_id, c.clicks, c.first_click, c.last_click) for c in page.contacts]
+        after = page.next_cursor
+        if after is None:
+            return seen
+    raise AssertionError("the pages never ended")
+
+
+async def test_audiences_of_who_clicked_and_who_did_not_page_through_everyone_once(store):
+    sent = {}
+    for contact in ("a", "a", "b", "c", "d", "d", "refused"):
+        recorded = await store.record_send(send(contact_id=contact))
+        sent.setdefault(contact, []).append(recorded)
+        await store.set_send_outcome(
+            recorded.send_id, "refused" if contact == "refused" else "accepted"
+        )
+    anonymous = await store.record_send(send(contact_id=None, anonymous=True))
+    link_a, link_b = (
+        sent["a"][0].link_ids[u] for u in ("https://a.example/", "https://b.example/")
+    )
+    await store.add_clicks([
+        click(sent["a"][0].send_id, link_a, 1_700_000_100.0),
+        click(sent["a"][1].send_id, link_b, 1_700_000_300.0),
+        click(sent["b"][0].send_id, link_a, 1_700_000_200.0, bot="head"),
+        click(sent["c"][0].send_id, link_b, 1_700_000_150.0),
+        click(anonymous.send_id, link_a, 1_700_000_400.0),
+    ])  # fmt: skip
+    clicked = await whole_audience(store, True, 2)
+    assert sorted(clicked, key=str) == sorted([
+        ("a", 2, 1_700_000_100.0, 1_700_000_300.0), ("c", 1, 1_700_000_150.0, 1_700_000_150.0),
+        (None, 1, 1_700_000_400.0, 1_700_000_400.0),
+    ], key=str)  # fmt: skip
+    assert await whole_audience(store, False, 1) == [("b", 0, None, None), ("d", 0, None, None)]
+    assert await store.audience("nope", True) is None
+    first = await store.audience("c1", True, None, 1)
+    with pytest.raises(CursorError):
+        await store.audience("c1", False, first.next_cursor)
+    with pytest.raises(CursorError):
+        await store.audience("c1", True, "bm90LWEtY3Vyc29y")

@@ -1,4 +1,4 @@
-"""Command line: `clickrelay run|smtp|web|migrate|check-config|hash-password`.
+"""Command line: `clickrelay run|smtp|web|migrate|erase|check-config|hash-password`.
 
 User mistakes (config, ports, TLS files) end with exit status 2 and one line on stderr.
 """
@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 from clickrelay import __version__, config, passwords
-from clickrelay.service import Parts, StartupError, migrate, prepare_embedded, serve
+from clickrelay.service import (
+    Parts,
+    StartupError,
+    erase_contact,
+    migrate,
+    prepare_embedded,
+    serve,
+)
+from clickrelay.storage import StoreError
 
 EMBEDDED_DATA_DIR = Path("clickrelay-data")
 EXIT_USAGE = 2
@@ -68,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     command("web", _web, "the HTTP service (clicks, reports) alone", True)
     command("migrate", _migrate, "apply the storage schema (as every node does at start)", True)
     command("check-config", _check_config, "validate a config file and print it", True)
+    erase = sub.add_parser(
+        "erase", help="remove every trace of one contact (counts stay)", parents=[common]
+    )
+    erase.add_argument("--config", type=Path, required=True, metavar="FILE")
+    who = erase.add_mutually_exclusive_group(required=True)
+    who.add_argument("--contact", metavar="ID", help="the contact id (X-Contact-Id)")
+    who.add_argument("--email", metavar="ADDR", help="the contact's address")
+    erase.set_defaults(command=_erase)
     command("hash-password", _hash_password, "make a password hash for the config", None)
     return parser
 
@@ -98,6 +114,18 @@ def _migrate(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     asyncio.run(migrate(settings))
     print(f"storage schema up to date: {settings.storage.url or settings.storage.database}")
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    try:
+        erased = asyncio.run(erase_contact(settings, args.contact, args.email))
+    except StoreError as exc:
+        print(f"clickrelay: nothing erased, storage failed: {exc}", file=sys.stderr)
+        return 1
+    who = f"contact {args.contact}" if args.contact is not None else args.email
+    print(f"erased {who}: {erased.sends} send(s), {erased.clicks} click(s); counts kept")
     return 0
 
 

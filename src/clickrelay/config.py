@@ -396,11 +396,13 @@ class HeaderNames:
     contact_email: str = _field(_nonempty_str, "X-Contact-Email")
     track_clicks: str = _field(_nonempty_str, "X-Track-Clicks")
     test_send: str = _field(_nonempty_str, "X-Test-Send")
+    track_contact: str = _field(_nonempty_str, "X-Track-Contact")
 
 
 @dataclass(frozen=True)
 class PrivacySettings:
     store_ip: str = _field(_choice("full", "truncated", "none"), "truncated")
+    retention_days: int = _field(_int_range(0, 36500), 0)  # 0: keep everything
 
 
 @dataclass(frozen=True)

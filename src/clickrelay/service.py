@@ -32,10 +32,12 @@ from clickrelay.config import ReportsSettings, Settings
 from clickrelay.events import signing
 from clickrelay.events.webhooks import Webhooks
 from clickrelay.limits import LogThrottle
+from clickrelay.retention import Retention
 from clickrelay.smtp.pipeline import MessagePipeline
 from clickrelay.smtp.relay import RelayServer
 from clickrelay.smtp.upstream import create_upstream
 from clickrelay.storage import PasswordFileError, Store, StoreError, open_store
+from clickrelay.storage.base import Erased
 from clickrelay.tracking.tokens import Signer, load_secret
 from clickrelay.web.app import LimitedSite, create_app, limited_site, runner
 from clickrelay.web.recorder import ClickRecorder
@@ -96,6 +98,7 @@ class Node:
     relay: RelayServer | None = None
     web: WebService | None = None
     webhooks: Webhooks | None = None
+    retention: Retention | None = None
 
 
 async def serve(settings: Settings, parts: Parts) -> None:
@@ -128,6 +131,10 @@ async def running(
         if parts.web:
             if settings.webhooks:
                 node.webhooks = await _start_webhooks(node, stack)
+            if settings.privacy.retention_days:
+                node.retention = Retention(node.store, settings.privacy.retention_days)
+                node.retention.start()
+                stack.push_async_callback(node.retention.close)
             node.web = await _start_web(node, stack)
         if parts.smtp:
             node.relay = await _start_smtp(node, stack)
@@ -138,6 +145,13 @@ async def migrate(settings: Settings) -> None:
     """Apply the storage schema (as every node also does at start) and close it."""
     async with contextlib.AsyncExitStack() as stack:
         await _open_store(settings, stack)
+
+
+async def erase_contact(settings: Settings, contact_id: str | None, email: str | None) -> Erased:
+    """`clickrelay erase`: every trace of one contact removed, counts kept."""
+    async with contextlib.AsyncExitStack() as stack:
+        store = await _open_store(settings, stack)
+        return await store.erase_contact(contact_id, email)
 
 
 async def _open_store(settings: Settings, stack: contextlib.AsyncExitStack) -> Store:

@@ -18,6 +18,7 @@ _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _TRUE = frozenset({"yes", "true", "1"})
+_FALSE = frozenset({"no", "false", "0"})
 MAX_VALUE_LENGTH = 255
 HEADER_LIMIT = 100 * 1024  # a header section larger than this is not read (Postfix keeps 100 KB)
 FIELD_LIMIT = 16 * 1024  # of a field's value, what is decoded (the rest is ignored)
@@ -138,6 +139,7 @@ class ControlHeaders:
     contact_email: str | None = None
     track_clicks: bool = False
     test_send: bool = False
+    track_contact: bool = True  # False: the contact withheld consent (`X-Track-Contact: no`)
 
 
 def control_field_names(names: HeaderNames) -> frozenset[str]:
@@ -158,6 +160,7 @@ def read_control_headers(raw: bytes, block: HeaderBlock, names: HeaderNames) -> 
         contact_email=values.get("contact_email") or None,
         track_clicks=values.get("track_clicks", "").lower() in _TRUE,
         test_send=values.get("test_send", "").lower() in _TRUE,
+        track_contact=values.get("track_contact", "").lower() not in _FALSE,
     )
 
 

@@ -35,8 +35,10 @@ from clickrelay.limits import AuthThrottle, forwarded_client
 from clickrelay.storage.base import (
     CAMPAIGN_SORTS,
     MAX_ID,
+    Audience,
     CampaignReport,
     CampaignSummary,
+    ContactClicks,
     ContactPage,
     CursorError,
     LinkSummary,
@@ -200,20 +202,20 @@ def _decisions(report: CampaignReport) -> dict[str, int]:
     return counts
 
 
+CONTACT_FIELDS = ["contact_id", "email", "clicks", "first_click", "last_click"]
+
+
+def contact_json(contact: ContactClicks) -> dict[str, Any]:
+    values = [contact.contact_id, contact.email, contact.clicks, iso(contact.first_click),
+              iso(contact.last_click)]  # fmt: skip
+    return dict(zip(CONTACT_FIELDS, values, strict=True))
+
+
 def contacts_json(page: ContactPage) -> dict[str, Any]:
     return {
         "link_id": page.link.link_id,
         "url": page.link.url,
-        "contacts": [
-            {
-                "contact_id": c.contact_id,
-                "email": c.email,
-                "clicks": c.clicks,
-                "first_click": iso(c.first_click),
-                "last_click": iso(c.last_click),
-            }
-            for c in page.contacts
-        ],
+        "contacts": [contact_json(c) for c in page.contacts],
         "next": page.next_cursor,
     }
 
@@ -372,6 +374,18 @@ def guarded(settings: Settings) -> Callable[[Handler], Handler]:
     return wrap
 
 
+def json_only(handler: Handler) -> Handler:
+    """A state change takes a JSON body only (415 otherwise): a cross-site form cannot send
+    one, so a browser's cached Basic credentials cannot be used to trigger it."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            return _plain(415, "Send the request body as Content-Type: application/json.\n")
+        return await handler(request)
+
+    return checked
+
+
 def _secure(response: web.StreamResponse) -> web.StreamResponse:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -413,7 +427,8 @@ class Reports:
         campaign = "/campaigns/{campaign_id}"
         link = campaign + "/links/{link_id:\\d+}"
         guard = guarded(self.settings)
-        return [
+        changes = [web.post("/api/erase", guard(json_only(self.erase_api)))]
+        return changes + [
             web.get(path, guard(handler))
             for path, handler in [
                 ("/reports", self.campaigns_page),
@@ -427,6 +442,9 @@ class Reports:
                 ("/api/campaigns", self.campaigns_api),
                 ("/api" + campaign, self.campaign_api),
                 ("/api" + link, self.contacts_api),
+                ("/api" + campaign + "/contacts", self.audience_api),
+                ("/api" + campaign + "/contacts/export.csv", self.audience_csv),
+                ("/reports" + campaign + "/contacts/export.csv", self.audience_csv),
                 ("/api/events", self.events_api),
                 ("/api/webhooks", self.webhooks_api),
             ]
@@ -454,9 +472,11 @@ class Reports:
         links = [link_json(link, report) for link in report.links]
         return sorted(links, key=LINK_SORTS[sort], reverse=descending), sort, descending
 
-    async def _contacts(self, request: web.Request, limit: int, after: str | None) -> ContactPage:
-        """A page of the link's contacts."""
-        digits = request.match_info["link_id"]
+    async def _contacts(
+        self, request: web.Request, limit: int, after: str | None, digits: str | None = None
+    ) -> ContactPage:
+        """A page of the contacts of the link in the path (or of link id `digits`)."""
+        digits = digits or request.match_info["link_id"]
         link_id = int(digits) if len(digits) <= 19 else MAX_ID + 1  # (no int of 5,000 digits)
         if link_id > MAX_ID:
             raise web.HTTPBadRequest(text=f"Bad request: no link has an id above {MAX_ID}.\n")
@@ -466,6 +486,20 @@ class Reports:
         if page is None:
             raise web.HTTPNotFound(text="No such link in this campaign.\n")
         return page
+
+    async def _audience(self, request: web.Request, limit: int, after: str | None) -> Audience:
+        """A page of `?clicked=any|none|{link_id}`: who clicked anything, nothing, that link."""
+        clicked = request.query.get("clicked", "any")
+        campaign_id = request.match_info["campaign_id"]
+        if clicked.isascii() and clicked.isdigit():
+            page = await self._contacts(request, limit, after, digits=clicked)
+            return Audience(page.contacts, page.next_cursor)
+        if clicked not in ("any", "none"):
+            raise web.HTTPBadRequest(text="Bad request: clicked is any, none or a link id.\n")
+        audience = await self.store.audience(campaign_id, clicked == "any", after, limit)
+        if audience is None:
+            raise web.HTTPNotFound(text="No such campaign.\n")
+        return audience
 
     # ------------------------------------------------------------ HTML
 
@@ -526,6 +560,34 @@ class Reports:
         stats = await self.store.webhook_stats([e.url for e in self.settings.webhooks])
         return web.json_response({"webhooks": [asdict(endpoint) for endpoint in stats]})
 
+    async def erase_api(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="Bad request: the body is not JSON.\n") from None
+        match body:
+            case {"contact_id": str(contact_id)} if contact_id and len(body) == 1:
+                erased = await self.store.erase_contact(contact_id, None)
+            case {"email": str(email)} if email and len(body) == 1:
+                erased = await self.store.erase_contact(None, email)
+            case _:
+                raise web.HTTPBadRequest(
+                    text='Bad request: send {"contact_id": "..."} or {"email": "..."}.\n'
+                )
+        log.info("erased a contact on request: %d send(s), %d click(s)",
+                 erased.sends, erased.clicks)  # fmt: skip
+        return web.json_response({"sends": erased.sends, "clicks": erased.clicks})
+
+    async def audience_api(self, request: web.Request) -> web.Response:
+        limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
+        page = await self._audience(request, limit, request.query.get("after"))
+        return web.json_response({
+            "campaign_id": request.match_info["campaign_id"],
+            "clicked": request.query.get("clicked", "any"),
+            "contacts": [contact_json(c) for c in page.contacts],
+            "next": page.next_cursor,
+        })  # fmt: skip
+
     # ------------------------------------------------------------ CSV
 
     async def campaigns_csv(self, request: web.Request) -> web.Response:
@@ -547,18 +609,29 @@ class Reports:
         name = f"{report.summary.campaign_id}-untracked.csv"
         return csv_response(name, ["url", "reason", "count"], rows)
 
+    async def audience_csv(self, request: web.Request) -> web.Response:
+        rows: list[list[Any]] = []
+        after = request.query.get("after")
+        while True:  # everyone, one indexed page at a time
+            page = await self._audience(request, API_PAGE_SIZE, after)
+            rows += [list(contact_json(c).values()) for c in page.contacts]
+            if page.next_cursor is None:
+                break
+            after = page.next_cursor
+        clicked = request.query.get("clicked", "any")
+        name = f"{request.match_info['campaign_id']}-contacts-clicked-{clicked}.csv"
+        return csv_response(name, CONTACT_FIELDS, rows)
+
     async def contacts_csv(self, request: web.Request) -> web.Response:
         rows: list[list[Any]] = []
         after = request.query.get("after")  # given: the export goes on from that page
         while True:  # every contact, one indexed page at a time
             page = await self._contacts(request, API_PAGE_SIZE, after)
-            rows += [[c.contact_id, c.email, c.clicks, iso(c.first_click), iso(c.last_click)]
-                     for c in page.contacts]  # fmt: skip
+            rows += [list(contact_json(c).values()) for c in page.contacts]
             if page.next_cursor is None:
                 break
             after = page.next_cursor
-        header = ["contact_id", "email", "clicks", "first_click", "last_click"]
-        return csv_response(f"link-{page.link.link_id}-contacts.csv", header, rows)
+        return csv_response(f"link-{page.link.link_id}-contacts.csv", CONTACT_FIELDS, rows)
 
 
 def _int(text: str | None, default: int) -> int:

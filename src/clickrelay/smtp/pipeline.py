@@ -77,10 +77,14 @@ class MessagePipeline:
             return Prepared(message=b"", message_id="-", control=ControlHeaders(),
                             decision="not_campaign", refusal=TOO_MANY_HEADERS)  # fmt: skip
         control = read_control_headers(message, block, self.settings.headers)
-        if control.contact_id is None and len(envelope.rcpt_tos) == 1:
-            control = replace(control, contact_id=envelope.rcpt_tos[0])
-        if control.contact_email is None and len(envelope.rcpt_tos) == 1:
-            control = replace(control, contact_email=envelope.rcpt_tos[0])
+        if not control.track_contact:  # no identity kept, not even the envelope's
+            control = replace(control, contact_id=None, contact_email=None)
+        elif len(envelope.rcpt_tos) == 1:
+            control = replace(
+                control,
+                contact_id=control.contact_id or envelope.rcpt_tos[0],
+                contact_email=control.contact_email or envelope.rcpt_tos[0],
+            )
         message_id = block.first("message-id")
         prepared = Prepared(
             message=message,
@@ -197,6 +201,7 @@ class MessagePipeline:
 
     def _send(self, prepared: Prepared, urls, untracked) -> NewSend:
         control = prepared.control
+        anonymous = not control.track_contact
         assert control.campaign_id is not None
         return NewSend(
             campaign_key=control.campaign_id,
@@ -204,10 +209,11 @@ class MessagePipeline:
             campaign_type=control.campaign_type,
             contact_id=control.contact_id,
             email=control.contact_email,
-            message_id=None if prepared.message_id == "-" else prepared.message_id,
+            message_id=None if prepared.message_id == "-" or anonymous else prepared.message_id,
             decision=prepared.decision,
             tracked_urls=urls,
             untracked=untracked,
+            anonymous=anonymous,
         )
 
     async def forwarded(self, prepared: Prepared, reply: Reply) -> None:

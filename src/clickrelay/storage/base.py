@@ -20,6 +20,7 @@ from typing import Any, Protocol
 __all__ = [
     "CAMPAIGN_SORTS",
     "MAX_ID",
+    "Audience",
     "CampaignReport",
     "CampaignSummary",
     "ContactClicks",
@@ -27,6 +28,7 @@ __all__ = [
     "CursorError",
     "Delivery",
     "EndpointStats",
+    "Erased",
     "Event",
     "EventPage",
     "KnownLinks",
@@ -73,6 +75,7 @@ class NewSend:
     tracked_urls: Sequence[str] = ()
     untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
     sent_at: float = field(default_factory=time.time)
+    anonymous: bool = False  # consent withheld: no identity, and no IP or user agent per click
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ class ContactClicks:
     email: str | None
     send_id: int
     clicks: int
-    first_click: float
-    last_click: float
+    first_click: float | None  # None: no human click (an audience of who did not click)
+    last_click: float | None
 
 
 @dataclass(frozen=True)
@@ -197,12 +200,26 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Erased:
+    """What an erasure removed the contact from."""
+
+    sends: int
+    clicks: int
+
+
+@dataclass(frozen=True)
 class EndpointStats:
     url: str
     delivered: int
     pending: int
     failed: int
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class Audience:
+    contacts: list[ContactClicks]
+    next_cursor: str | None  # None on the last page
 
 
 class Store(Protocol):
@@ -248,6 +265,14 @@ class Store(Protocol):
         None for an unknown link (any id, however large); CursorError for an `after` that is
         not a `next_cursor` this store made."""
 
+    async def audience(
+        self, campaign_id: str, clicked: bool, after: str | None = None, limit: int = 50
+    ) -> Audience | None:
+        """The contacts of the campaign's tracked sends that clicked (a human click on any
+        link), or that did not, one page at a time (the first page counts every click stored
+        so far). None for an unknown campaign; CursorError for a cursor this store did not make
+        for this audience."""
+
     async def events(self, after: str | None, limit: int, until: float) -> EventPage:
         """Events after the cursor `after` (None: from the first), in a stable order: a reader
         that goes on from each page's `next_cursor` sees every event once. A page ends before
@@ -270,6 +295,16 @@ class Store(Protocol):
         retry nor success: `retry_at` None)."""
 
     async def webhook_stats(self, endpoints: Sequence[str]) -> list[EndpointStats]: ...
+
+    async def erase_contact(self, contact_id: str | None, email: str | None) -> Erased:
+        """Remove every trace of the contact with this id (or else this address): ids,
+        addresses, IPs, user agents, pending deliveries. Counts stay as they were; their links
+        still redirect, and later clicks on them are stored without identity."""
+
+    async def prune(self, before: float, limit: int) -> int:
+        """One bounded step of retention: up to `limit` sends older than `before` made
+        anonymous as by erasure, and as many older clicks and events deleted (only clicks
+        already counted). How many rows it changed: 0 when nothing is left to do."""
 
 
 # ---------------------------------------------------------------- shared by the backends
@@ -342,6 +377,12 @@ def contact_page(link: LinkSummary, rows: Sequence[Mapping[str, Any]], limit: in
     return ContactPage(link, contacts, _encode_cursor(rows[limit - 1]) if more else None)
 
 
+def counts_as_sent(table: str) -> str:
+    """The one rule for a send that counts in `tracked_sends` (SQL on `table`'s columns):
+    rewritten with tracking links, and not refused or deferred by the upstream."""
+    return f"{table}.decision = 'tracked' AND {table}.outcome IN ('accepted', 'pending')"
+
+
 # An event's columns, read from the rows it describes (the same SQL on every backend).
 EVENT_COLUMNS = """
     e.id, e.at, CASE WHEN e.click_id IS NULL THEN 'send'
@@ -368,6 +409,20 @@ def event_of(row: Mapping[str, Any], instance_id: str) -> Event:
         sent_at=row["sent_at"], link_id=row["link_id"], url=row["url"],
         bot_reason=row["bot_reason"],
     )  # fmt: skip
+
+
+def erasure_keys(sends: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, str, str]]:
+    """(send, campaign, old key, new key) for each send to erase, from rows of (id,
+    campaign_id, key). The sends of one campaign that were counted under one contact key get
+    one new key (the first send's): its unique clicker stays one."""
+    first: dict[tuple[int, str], int] = {}
+    for row in sorted(sends, key=lambda r: r["id"]):
+        first.setdefault((row["campaign_id"], row["key"]), row["id"])
+    return [
+        (row["id"], row["campaign_id"], row["key"],
+         f"#erased:{first[(row['campaign_id'], row['key'])]}")
+        for row in sends
+    ]  # fmt: skip
 
 
 def delivery_state(error: str | None, retry_at: float | None) -> str:
@@ -420,6 +475,39 @@ def decode_event_cursor(cursor: str | None, size: int) -> tuple[int, ...]:
     ):  # fmt: skip
         return tuple(value)
     raise CursorError("the event cursor is not one this service made")
+
+
+def audience_of(rows: Sequence[Mapping[str, Any]], limit: int, clicked: bool) -> Audience:
+    """A page from up to `limit + 1` rows of (position, contact_id, email, send_id, clicks,
+    first_click, last_click); `position` is the order key (a contact key or a send id)."""
+    contacts = [
+        ContactClicks(r["contact_id"], r["email"], r["send_id"], r["clicks"], r["first_click"],
+                      r["last_click"])
+        for r in rows[:limit]
+    ]  # fmt: skip
+    if len(rows) <= limit:
+        return Audience(contacts, None)
+    cursor = json.dumps(["any" if clicked else "none", rows[limit - 1]["position"]])
+    return Audience(contacts, base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("="))
+
+
+def decode_audience_cursor(cursor: str | None, clicked: bool) -> Any:
+    """The position to go on after (a contact key for who clicked, a send id for who did
+    not); None for the first page."""
+    if not cursor:
+        return None
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise CursorError("the page cursor is too long")
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError) as exc:
+        raise CursorError("the page cursor is not one this service made") from exc
+    match value:
+        case ["any", str() as key] if clicked and storable(key):
+            return key
+        case ["none", int() as send_id] if not clicked and 0 <= send_id <= MAX_ID:
+            return send_id
+    raise CursorError("the page cursor is not one this service made for this audience")
 
 
 def like_pattern(search: str | None) -> str | None:

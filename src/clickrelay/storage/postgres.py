@@ -32,11 +32,13 @@ from clickrelay.storage.base import (
     EVENT_COLUMNS,
     FAN_OUT_LIMIT,
     MAX_ID,
+    Audience,
     CampaignReport,
     CampaignSummary,
     ContactPage,
     Delivery,
     EndpointStats,
+    Erased,
     EventPage,
     KnownLinks,
     LinkTarget,
@@ -44,13 +46,17 @@ from clickrelay.storage.base import (
     NewSend,
     RecordedSend,
     StoreError,
+    audience_of,
     cleaned,
     contact_page,
+    counts_as_sent,
+    decode_audience_cursor,
     decode_cursor,
     decode_event_cursor,
     delivery_state,
     encode_event_cursor,
     endpoint_stats,
+    erasure_keys,
     event_of,
     like_pattern,
     link_of,
@@ -258,6 +264,15 @@ MIGRATIONS: list[list[str]] = [
             UNIQUE (endpoint_id, event_id))""",
         "CREATE INDEX deliveries_due ON deliveries (endpoint_id, due_at) WHERE state = 'pending'",
     ],
+    [  # 3: privacy, as SQLite's.
+        "ALTER TABLE sends ADD COLUMN anonymous boolean NOT NULL DEFAULT false",
+        "ALTER TABLE sends ADD COLUMN erased_key text",
+        "CREATE INDEX sends_by_contact ON sends (contact_id) WHERE contact_id IS NOT NULL",
+        "CREATE INDEX sends_by_email ON sends (email) WHERE email IS NOT NULL",
+        "CREATE INDEX sends_by_age ON sends (sent_at) WHERE NOT anonymous",
+        "CREATE INDEX clicks_by_age ON clicks (clicked_at)",
+        "CREATE INDEX events_by_age ON events (at)",
+    ],
 ]
 # Events whose transactions are over, with none older still running (see migration 2).
 _SETTLED_XACT = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -311,14 +326,66 @@ _ROLL_UP = [
         bot = t.bot + excluded.bot""",
 ]
 
+# The key a send's clicks are counted under: its contact, or the send itself.
+_CONTACT_KEY = f"""CASE WHEN s.erased_key IS NOT NULL THEN s.erased_key
+    WHEN s.contact_id IS NULL THEN '#' || s.id
+    WHEN length(s.contact_id) > {CONTACT_KEY_LENGTH} THEN 'md5:' || md5(s.contact_id)
+    ELSE s.contact_id END"""
+# Audiences, one page at a time, as SQLite's ($1 campaign, $2 after, $3 limit).
+_CLICKED = """
+    WITH page AS (
+        SELECT contact_key, human_clicks FROM campaign_contacts
+        WHERE campaign_id = $1 AND human_clicks > 0 AND contact_key > $2
+        ORDER BY contact_key LIMIT $3),
+    seen AS (
+        SELECT p.contact_key AS position, p.human_clicks AS clicks,
+            min(lc.first_click) AS first_click, max(lc.last_click) AS last_click,
+            max(lc.send_id) AS send_id
+        FROM page p JOIN link_contacts lc ON lc.contact_key = p.contact_key
+            AND lc.human_clicks > 0
+            AND lc.link_id IN (SELECT id FROM links WHERE campaign_id = $1)
+        GROUP BY p.contact_key, p.human_clicks)
+    SELECT seen.*, s.contact_id, s.email FROM seen JOIN sends s ON s.id = seen.send_id
+    ORDER BY seen.position"""
+_NOT_CLICKED = f"""
+    SELECT s.id AS position, s.id AS send_id, s.contact_id, s.email, 0 AS clicks,
+        NULL::float8 AS first_click, NULL::float8 AS last_click
+    FROM sends s
+    WHERE s.campaign_id = $1 AND s.id > $2 AND {counts_as_sent("s")}
+        AND NOT EXISTS (SELECT 1 FROM campaign_contacts cc WHERE cc.campaign_id = s.campaign_id
+            AND cc.contact_key = {_CONTACT_KEY} AND cc.human_clicks > 0)
+        AND NOT EXISTS (SELECT 1 FROM sends t WHERE t.contact_id = s.contact_id
+            AND t.campaign_id = s.campaign_id AND t.id < s.id AND {counts_as_sent("t")})
+    ORDER BY s.id LIMIT $3"""  # noqa: S608 (constants)
+
+# Erasing a send: (SQL, which of send, campaign, old key, new key it takes), its clicks first.
+_ERASE: list[tuple[str, tuple[int, ...]]] = [
+    ("UPDATE clicks SET contact_key = $2, ip = NULL, user_agent = NULL WHERE send_id = $1",
+     (0, 3)),
+    ("UPDATE sends SET contact_id = NULL, email = NULL, message_id = NULL, anonymous = true,"
+     " erased_key = $2 WHERE id = $1", (0, 3)),
+    ("UPDATE campaign_contacts SET contact_key = $3 WHERE campaign_id = $1"
+     " AND contact_key = $2", (1, 2, 3)),
+    ("UPDATE link_contacts SET contact_key = $3 WHERE contact_key = $2"
+     " AND link_id IN (SELECT id FROM links WHERE campaign_id = $1)", (1, 2, 3)),
+    ("DELETE FROM deliveries WHERE state = 'pending'"
+     " AND event_id IN (SELECT id FROM events WHERE send_id = $1)", (0,)),
+]  # fmt: skip
+# A retention step after the sends ($1 before, $2 limit); clicks only once counted.
+_PRUNE = [
+    "DELETE FROM deliveries WHERE event_id IN"
+    " (SELECT id FROM events WHERE at < $1 ORDER BY at LIMIT $2)",
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 ORDER BY at LIMIT $2)",
+    "DELETE FROM clicks WHERE id IN"
+    " (SELECT id FROM clicks WHERE clicked_at < $1 AND rolled ORDER BY clicked_at LIMIT $2)",
+]
+
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
                         method, bot_reason)
     SELECT s.campaign_id, l.id, s.id,
-        CASE WHEN s.contact_id IS NULL THEN '#' || s.id
-             WHEN length(s.contact_id) > {CONTACT_KEY_LENGTH} THEN 'md5:' || md5(s.contact_id)
-             ELSE s.contact_id END,
-        c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason
+        {_CONTACT_KEY}, c.clicked_at, CASE WHEN NOT s.anonymous THEN c.ip END,
+        CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason
     FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::text[],
                 $7::text[]) WITH ORDINALITY
         AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, n)
@@ -326,17 +393,17 @@ _INSERT_CLICKS = f"""
     JOIN links l ON l.id = c.link_id AND l.campaign_id = s.campaign_id
     ORDER BY c.n"""  # noqa: S608 (ids, and events, in the order the clicks came)
 
-_SUMMARY = """
+_SUMMARY = f"""
     SELECT * FROM (SELECT c.id, c.campaign_key, c.name, c.type, c.first_send_at,
         coalesce((SELECT max(s.last_send_at) FROM campaign_sends s WHERE s.campaign_id = c.id),
             c.first_send_at) AS last_send_at,
         coalesce((SELECT sum(n) FROM campaign_sends s WHERE s.campaign_id = c.id
-            AND s.decision = 'tracked' AND s.outcome IN ('accepted', 'pending')), 0)::bigint
+            AND {counts_as_sent("s")}), 0)::bigint
             AS tracked_sends,
         coalesce(st.human_clicks, 0) AS total_clicks,
         coalesce(st.unique_clickers, 0) AS unique_clicks,
         coalesce(st.bot_clicks, 0) AS bot_clicks
-    FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id) summary"""
+    FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id) summary"""  # noqa: S608
 
 _LINKS = """
     SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,
@@ -375,8 +442,11 @@ class PostgresStore:
 
     async def open(self) -> None:
         try:
+            # min_size 0: no connection floor. asyncpg (0.32) restores a floor in the background
+            # and, while the server is down, logs a traceback on every retry; without one,
+            # connections are made on demand and a failure is a StoreError (one log line).
             self._pool = await asyncpg.create_pool(
-                self._url, password=self._password, min_size=1, max_size=self._pool_size,
+                self._url, password=self._password, min_size=0, max_size=self._pool_size,
                 timeout=CONNECT_SECONDS, command_timeout=COMMAND_SECONDS,
                 server_settings={"application_name": "clickrelay"},
             )  # fmt: skip
@@ -467,9 +537,9 @@ class PostgresStore:
             link_ids = await self._link_ids(con, campaign_id, send.tracked_urls)
             send_id = await con.fetchval(
                 "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
-                " sent_at) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                " sent_at, anonymous) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                 campaign_id, cleaned(send.contact_id), cleaned(send.email),
-                cleaned(send.message_id), send.decision, send.sent_at,
+                cleaned(send.message_id), send.decision, send.sent_at, send.anonymous,
             )  # fmt: skip
             untracked = sorted(
                 (url_hash(url), cleaned(url), reason, n)
@@ -647,6 +717,24 @@ class PostgresStore:
         )  # fmt: skip
         return contact_page(link_of(links[0]), rows, limit)
 
+    async def audience(
+        self, campaign_id: str, clicked: bool, after: str | None = None, limit: int = 50
+    ) -> Audience | None:
+        position = decode_audience_cursor(after, clicked)
+        if not storable(campaign_id):
+            return None
+        db_id = await self._fetchval("SELECT id FROM campaigns WHERE campaign_key = $1",
+                                     campaign_id)  # fmt: skip
+        if db_id is None:
+            return None
+        if position is None:
+            await self._rollups.catch_up()
+        if clicked:
+            found = await self._fetch(_CLICKED, db_id, position or "", limit + 1)
+        else:
+            found = await self._fetch(_NOT_CLICKED, db_id, position or 0, limit + 1)
+        return audience_of(found, limit, clicked)
+
     # ------------------------------------------------------------ events out
 
     async def events(self, after: str | None, limit: int, until: float) -> EventPage:
@@ -662,6 +750,7 @@ class PostgresStore:
     ) -> list[Delivery]:  # fmt: skip
         if not await self._deliveries_to_make(endpoint):
             return []
+
         async def work(con: asyncpg.Connection) -> list[Delivery]:
             now = time.time()
             endpoint_id = await self._fan_out(con, endpoint, types, until, now)
@@ -762,6 +851,49 @@ class PostgresStore:
             " LEFT JOIN deliveries d ON d.endpoint_id = w.id GROUP BY w.id, d.state"
         )
         return endpoint_stats(endpoints, rows)
+
+    # ------------------------------------------------------------ privacy
+
+    async def erase_contact(self, contact_id: str | None, email: str | None) -> Erased:
+        column, value = ("contact_id", contact_id) if contact_id is not None else ("email", email)
+
+        async def work(con: asyncpg.Connection) -> Erased:
+            sends = await con.fetch(
+                f"SELECT s.id, s.campaign_id, {_CONTACT_KEY} AS key FROM sends s"  # noqa: S608
+                f" WHERE s.{column} = $1",  # (a column name of two)
+                cleaned(value),
+            )
+            return Erased(len(sends), await self._erase_sends(con, sends))
+
+        return await self._in_transaction(work)
+
+    async def _erase_sends(self, con: asyncpg.Connection, sends: Sequence[Any]) -> int:
+        """Make these sends anonymous, their clicks re-keyed (counts kept); how many clicks.
+        Under the roll-up lock: a roll-up under way would count clicks under the old key."""
+        await con.execute("SELECT pg_advisory_xact_lock($1)", ROLL_UP_LOCK)
+        clicks = 0
+        for names in erasure_keys(sends):
+            for n, (statement, taken) in enumerate(_ERASE):
+                status = await con.execute(statement, *(names[i] for i in taken))
+                if n == 0:
+                    clicks += int(status.rsplit(" ", 1)[1])  # "UPDATE n"
+        return clicks
+
+    async def prune(self, before: float, limit: int) -> int:
+        async def work(con: asyncpg.Connection) -> int:
+            sends = await con.fetch(
+                f"SELECT s.id, s.campaign_id, {_CONTACT_KEY} AS key FROM sends s"  # noqa: S608
+                " WHERE s.sent_at < $1 AND NOT s.anonymous LIMIT $2",
+                before, limit,
+            )  # fmt: skip
+            await self._erase_sends(con, sends)
+            changed = len(sends)
+            for statement in _PRUNE:
+                status = await con.execute(statement, before, limit)
+                changed += int(status.rsplit(" ", 1)[1])  # "DELETE n"
+            return changed
+
+        return await self._in_transaction(work)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -25,11 +25,13 @@ from clickrelay.storage.base import (
     EVENT_COLUMNS,
     FAN_OUT_LIMIT,
     MAX_ID,
+    Audience,
     CampaignReport,
     CampaignSummary,
     ContactPage,
     Delivery,
     EndpointStats,
+    Erased,
     EventPage,
     KnownLinks,
     LinkTarget,
@@ -37,12 +39,16 @@ from clickrelay.storage.base import (
     NewSend,
     RecordedSend,
     StoreError,
+    audience_of,
     contact_page,
+    counts_as_sent,
+    decode_audience_cursor,
     decode_cursor,
     decode_event_cursor,
     delivery_state,
     encode_event_cursor,
     endpoint_stats,
+    erasure_keys,
     event_of,
     like_pattern,
     link_of,
@@ -217,7 +223,20 @@ MIGRATIONS: list[list[str]] = [
             UNIQUE (endpoint_id, event_id))""",
         "CREATE INDEX deliveries_due ON deliveries (endpoint_id, due_at) WHERE state = 'pending'",
     ],
+    [  # 3: privacy. A send is `anonymous` when its contact withheld consent, was erased or
+        # aged out (its clicks keep no IP or user agent); an erased send keeps the key its
+        # clicks are counted under (`erased_key`), so the unique counts stay exact.
+        "ALTER TABLE sends ADD COLUMN anonymous INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE sends ADD COLUMN erased_key TEXT",
+        "CREATE INDEX sends_by_contact ON sends (contact_id) WHERE contact_id IS NOT NULL",
+        "CREATE INDEX sends_by_email ON sends (email) WHERE email IS NOT NULL",
+        "CREATE INDEX sends_by_age ON sends (sent_at) WHERE NOT anonymous",
+        "CREATE INDEX clicks_by_age ON clicks (clicked_at)",
+        "CREATE INDEX events_by_age ON events (at)",
+    ],
 ]
+# The key a send's clicks are counted under: its contact, or the send itself.
+_CONTACT_KEY = "coalesce(s.erased_key, s.contact_id, '#' || s.id)"
 
 CHECKPOINT_SECONDS = 1.0
 WAL_SWITCH_SECONDS = 10.0  # as long as busy_timeout
@@ -285,15 +304,72 @@ def _roll_up_script(limit: int) -> str:
         COMMIT;"""  # noqa: S608 (constants and an int only)
 
 
-_INSERT_CLICKS = """
+_INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
                         method, bot_reason)
-    SELECT s.campaign_id, l.id, s.id, coalesce(s.contact_id, '#' || s.id), c.value ->> 2,
-           c.value ->> 3, c.value ->> 4, c.value ->> 5, c.value ->> 6
+    SELECT s.campaign_id, l.id, s.id, {_CONTACT_KEY}, c.value ->> 2,
+           iif(s.anonymous, NULL, c.value ->> 3), iif(s.anonymous, NULL, c.value ->> 4),
+           c.value ->> 5, c.value ->> 6
     FROM json_each(?) c
     JOIN sends s ON s.id = c.value ->> 0
     JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id
-    ORDER BY c.key"""  # ids (and events) in the order the clicks came
+    ORDER BY c.key"""  # noqa: S608 (ids, and events, in the order the clicks came)
+
+
+# Audiences, one page at a time: who clicked (in contact key order, from the per-contact
+# counters) and who did not (in send order, one row per contact).
+_CLICKED = """
+    WITH page AS (
+        SELECT contact_key, human_clicks FROM campaign_contacts
+        WHERE campaign_id = :campaign AND human_clicks > 0 AND contact_key > :after
+        ORDER BY contact_key LIMIT :limit),
+    seen AS (
+        SELECT p.contact_key AS position, p.human_clicks AS clicks,
+            min(lc.first_click) AS first_click, max(lc.last_click) AS last_click,
+            max(lc.send_id) AS send_id
+        FROM page p JOIN link_contacts lc ON lc.contact_key = p.contact_key
+            AND lc.human_clicks > 0
+            AND lc.link_id IN (SELECT id FROM links WHERE campaign_id = :campaign)
+        GROUP BY p.contact_key)
+    SELECT seen.*, s.contact_id, s.email FROM seen JOIN sends s ON s.id = seen.send_id
+    ORDER BY seen.position"""
+_NOT_CLICKED = f"""
+    SELECT s.id AS position, s.id AS send_id, s.contact_id, s.email, 0 AS clicks,
+        NULL AS first_click, NULL AS last_click
+    FROM sends s
+    WHERE s.campaign_id = :campaign AND s.id > :after AND {counts_as_sent("s")}
+        AND NOT EXISTS (SELECT 1 FROM campaign_contacts cc WHERE cc.campaign_id = s.campaign_id
+            AND cc.contact_key = {_CONTACT_KEY} AND cc.human_clicks > 0)
+        AND NOT EXISTS (SELECT 1 FROM sends t WHERE t.contact_id = s.contact_id
+            AND t.campaign_id = s.campaign_id AND t.id < s.id AND {counts_as_sent("t")})
+    ORDER BY s.id LIMIT :limit"""  # noqa: S608 (constants)
+
+# Erasing one send (named parameters: send, campaign, old and new contact key): its clicks,
+# then the rest.
+_ERASE_CLICKS = (
+    "UPDATE clicks SET contact_key = :new, ip = NULL, user_agent = NULL WHERE send_id = :send"
+)
+_ERASE = [
+    "UPDATE sends SET contact_id = NULL, email = NULL, message_id = NULL, anonymous = 1,"
+    " erased_key = :new WHERE id = :send",
+    "UPDATE campaign_contacts SET contact_key = :new"
+    " WHERE campaign_id = :campaign AND contact_key = :old",
+    "UPDATE link_contacts SET contact_key = :new WHERE contact_key = :old"
+    " AND link_id IN (SELECT id FROM links WHERE campaign_id = :campaign)",
+    "DELETE FROM deliveries WHERE state = 'pending'"
+    " AND event_id IN (SELECT id FROM events WHERE send_id = :send)",
+]
+# A retention step after the sends (named parameters: before, limit). Events go with their
+# deliveries; clicks only once counted.
+_PRUNE = [
+    "DELETE FROM deliveries WHERE event_id IN"
+    " (SELECT id FROM events WHERE at < :before ORDER BY at LIMIT :limit)",
+    "DELETE FROM events WHERE id IN"
+    " (SELECT id FROM events WHERE at < :before ORDER BY at LIMIT :limit)",
+    "DELETE FROM clicks WHERE id IN (SELECT id FROM clicks WHERE clicked_at < :before"
+    " AND id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')"
+    " ORDER BY clicked_at LIMIT :limit)",
+]
 
 
 class SQLiteStore:
@@ -434,9 +510,9 @@ class SQLiteStore:
                 link_ids = await self._link_ids(db, campaign_id, send.tracked_urls)
                 cursor = await db.execute(
                     "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
-                    " sent_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    " sent_at, anonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (campaign_id, send.contact_id, send.email, send.message_id, send.decision,
-                     send.sent_at),
+                     send.sent_at, send.anonymous),
                 )  # fmt: skip
                 send_id = cursor.lastrowid
                 await db.executemany(
@@ -565,15 +641,15 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ reports (read connection)
 
-    _SUMMARY = """
+    _SUMMARY = f"""
         SELECT c.id, c.campaign_key, c.name, c.type, c.first_send_at, c.last_send_at,
             coalesce((SELECT sum(n) FROM campaign_sends s WHERE s.campaign_id = c.id
-                AND s.decision = 'tracked' AND s.outcome IN ('accepted', 'pending')), 0)
+                AND {counts_as_sent("s")}), 0)
                 AS tracked_sends,
             coalesce(st.human_clicks, 0) AS total_clicks,
             coalesce(st.unique_clickers, 0) AS unique_clicks,
             coalesce(st.bot_clicks, 0) AS bot_clicks
-        FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""
+        FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""  # noqa: S608
 
     _LINKS = """
         SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,
@@ -655,6 +731,22 @@ class SQLiteStore:
                 return list(await cursor.fetchall())
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
+
+    async def audience(
+        self, campaign_id: str, clicked: bool, after: str | None = None, limit: int = 50
+    ) -> Audience | None:
+        position = decode_audience_cursor(after, clicked)
+        rows = await self._query("SELECT id FROM campaigns WHERE campaign_key = ?", (campaign_id,))
+        if not rows:
+            return None
+        if position is None:
+            await self._rollups.catch_up()
+        names = {"campaign": rows[0]["id"], "limit": limit + 1}
+        if clicked:
+            found = await self._query(_CLICKED, {**names, "after": position or ""})
+        else:
+            found = await self._query(_NOT_CLICKED, {**names, "after": position or 0})
+        return audience_of(found, limit, clicked)
 
     # ------------------------------------------------------------ events out
 
@@ -773,6 +865,52 @@ class SQLiteStore:
             (),
         )
         return endpoint_stats(endpoints, rows)
+
+    # ------------------------------------------------------------ privacy
+
+    async def erase_contact(self, contact_id: str | None, email: str | None) -> Erased:
+        column, value = ("contact_id", contact_id) if contact_id is not None else ("email", email)
+        try:
+            async with self._transaction() as db:
+                async with db.execute(
+                    f"SELECT s.id, s.campaign_id, {_CONTACT_KEY} AS key FROM sends s"  # noqa: S608
+                    f" WHERE s.{column} = ?",  # (a column name of two)
+                    (value,),
+                ) as cursor:
+                    sends = list(await cursor.fetchall())
+                clicks = await self._erase_sends(db, sends)
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+        return Erased(len(sends), clicks)
+
+    async def _erase_sends(self, db: aiosqlite.Connection, sends: Sequence[sqlite3.Row]) -> int:
+        """Make these sends anonymous, their clicks re-keyed (counts kept); how many clicks."""
+        clicks = 0
+        for send_id, campaign_id, old, new in erasure_keys(sends):
+            names = {"send": send_id, "campaign": campaign_id, "old": old, "new": new}
+            clicks += (await db.execute(_ERASE_CLICKS, names)).rowcount
+            for statement in _ERASE:
+                await db.execute(statement, names)
+        return clicks
+
+    async def prune(self, before: float, limit: int) -> int:
+        await self._rollups.catch_up()  # clicks are deleted only once counted
+        try:
+            async with self._transaction() as db:
+                async with db.execute(
+                    f"SELECT s.id, s.campaign_id, {_CONTACT_KEY} AS key FROM sends s"  # noqa: S608
+                    " WHERE s.sent_at < ? AND NOT s.anonymous LIMIT ?",
+                    (before, limit),
+                ) as cursor:
+                    sends = list(await cursor.fetchall())
+                await self._erase_sends(db, sends)
+                changed = len(sends)
+                for statement in _PRUNE:
+                    cursor = await db.execute(statement, {"before": before, "limit": limit})
+                    changed += max(cursor.rowcount, 0)
+        except _FAILURES as exc:
+            raise StoreError(str(exc)) from exc
+        return changed
 
 
 def _make_private(path: Path) -> None:
