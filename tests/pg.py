@@ -145,3 +145,39 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def query(storage: StorageSettings, sql: str, *args: object) -> list[tuple]:
+    """Rows of a read-only query straight on the test's storage, either backend (`?`
+    placeholders; for PostgreSQL each becomes $1, $2, ...). For tests that look under the
+    interface: what is really stored, not what an API shows."""
+    path = storage.sqlite_path
+    if path is not None:
+        import contextlib
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return [tuple(row) for row in db.execute(sql, args).fetchall()]
+    assert storage.url is not None
+    numbered = iter(range(1, sql.count("?") + 1))
+    translated = "".join(f"${next(numbered)}" if c == "?" else c for c in sql)
+    return _in_thread(_pg_rows(storage.url.url, translated, args))
+
+
+async def _pg_rows(url: str, sql: str, args: tuple) -> list[tuple]:
+    import asyncpg
+
+    con = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await con.fetch(sql, *args)]
+    finally:
+        await con.close()
+
+
+def _in_thread(coroutine):
+    """Run `coroutine` on an event loop of its own (callable from sync and async tests)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result(timeout=60)

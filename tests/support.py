@@ -18,6 +18,7 @@ from clickrelay.config import (
     HostPort,
     Settings,
     SmtpSettings,
+    StorageSettings,
     TrackingSettings,
     UpstreamSettings,
     UpstreamURL,
@@ -385,14 +386,22 @@ class ServiceProcess:
 
 
 def write_config(
-    path: Path, upstream_port: int, smtp_port: int, web_port: int, extra: str = ""
+    path: Path,
+    upstream_port: int,
+    smtp_port: int,
+    web_port: int,
+    extra: str = "",
+    storage: StorageSettings | None = None,
 ) -> Path:
+    """A config for child processes; `storage` (default: new storage of the test backend)."""
+    storage = storage or pg.storage_for(path.parent)
+    where = f'url = "{storage.url.url}"' if storage.url else f'database = "{storage.database}"'
     path.write_text(
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "relay.test"\n'
         f"shutdown_timeout_seconds = 3\n"
         f'[upstream]\nurl = "smtp://127.0.0.1:{upstream_port}"\ntimeout_seconds = 10\n'
         f'[web]\nlisten = "127.0.0.1:{web_port}"\npublic_url = "http://click.test"\n'
-        f'[storage]\ndatabase = "{path.parent}/clickrelay.sqlite3"\n'
+        f"[storage]\n{where}\n"
         f'[tracking]\nsecret_file = "{path.parent}/secret"\n' + extra
     )
     return path

@@ -11,13 +11,13 @@ import base64
 import email
 import quopri
 import re
-import sqlite3
 from dataclasses import replace
 
 import pytest
 
 from clickrelay.mail import mime
 
+import pg
 from support import (
     assert_faithful,
     assert_headers_as_the_email_package_reads_them,
@@ -76,8 +76,7 @@ def structure(raw: bytes) -> list[str]:
 
 async def check_forwarded(relay, settings, original: bytes, forwarded: bytes) -> str:
     """Assert `forwarded` is a faithful rewrite of `original` (or it, untouched); the decision."""
-    with sqlite3.connect(settings.storage.database) as db:
-        (decision,) = db.execute("SELECT decision FROM sends ORDER BY id DESC").fetchone()
+    ((decision,), *_) = pg.query(settings.storage, "SELECT decision FROM sends ORDER BY id DESC")
     expected = strip_control(original)
     if decision != "tracked" or forwarded == expected:
         assert forwarded == expected, f"decision {decision} but the message changed"

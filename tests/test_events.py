@@ -6,19 +6,34 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from clickrelay import config
 from clickrelay.config import BotSettings, WebhookSettings
 from clickrelay.events import signing, webhooks
-from clickrelay.storage.base import Event
+from clickrelay.storage import open_store
+from clickrelay.storage.base import Event, NewSend
+from clickrelay.tracking.tokens import Signer, load_secret
 
-from support import LOOPBACK, basic_auth, free_port, start_web
+import pg
+from support import (
+    BROWSER,
+    LOOPBACK,
+    ServiceProcess,
+    basic_auth,
+    free_port,
+    start_web,
+    write_config,
+)
 
 A, B = "https://shop.example.com/a", "https://shop.example.com/b?x=1&y=%C3%A9"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -213,9 +228,15 @@ async def test_a_failing_receiver_gets_the_same_id_again_then_failed_for_good(
         await receiver.wait_for(3)
         stats = await _settled_stats(web_, failed=1)
         await asyncio.sleep(0.5)  # no fourth attempt comes (the retries came within 0.3 s)
+        async with web_.session.get(f"{web_.base}/reports", headers=basic_auth()) as response:
+            page = await response.text()
     assert len(receiver.received) == 3
     assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 1
     assert stats[0]["last_error"] == "HTTP 500" and stats[0]["delivered"] == 0
+    row = page[page.index("<h2>Webhooks</h2>") :]
+    assert receiver.url in row and "<td>HTTP 500</td>" in row.replace(' class="small"', "")
+    assert re.search(r'<td class="num">0</td>\s*<td class="num">0</td>\s*<td class="num">1</td>',
+                     row)  # delivered 0, pending 0, failed 1  # fmt: skip
 
 
 async def test_events_wait_out_a_receiver_outage_and_a_restart(
@@ -315,3 +336,104 @@ def test_an_event_is_its_data_and_nothing_of_the_storage():
                  "bot_reason": "burst"},
     }  # fmt: skip
     assert feed_item(event)["id"] == "evt_x_1"
+
+
+# ---------------------------------------------------------------- web nodes as processes
+
+
+def hook_config(tmp_path, receiver: Receiver, storage, name: str, **endpoint) -> tuple:
+    """A `clickrelay web` config with one webhook endpoint; its path and web port."""
+    port = free_port()
+    options = "".join(f"{key} = {value}\n" for key, value in endpoint.items())
+    extra = (
+        '[reports]\npassword = "pw"\n[bots]\nmin_seconds_after_send = 0\nburst_links = 0\n'
+        f'[[webhooks]]\nurl = "{receiver.url}"\nsecret_file = "{tmp_path}/hook-secret"\n'
+        f"{options}"
+    )
+    path = write_config(tmp_path / f"{name}.toml", free_port(), free_port(), port, extra,
+                        storage=storage)  # fmt: skip
+    return path, port
+
+
+async def tokens(settings_path, links: int) -> list[str]:
+    """Tracked sends recorded as the relay would, one link each; their tracking tokens."""
+    settings = config.load(settings_path)
+    store = await open_store(settings.storage)
+    try:
+        signer = Signer(load_secret(settings.tracking.secret_file), store.instance_id)
+        found = []
+        for n in range(links):
+            sent_at = time.time() - 3600
+            recorded = await store.record_send(NewSend(
+                "hooks", None, "standard", f"contact-{n}", None, None, "tracked",
+                (f"https://shop.example.com/{n}",), sent_at=sent_at,
+            ))  # fmt: skip
+            (link,) = recorded.link_ids.values()
+            found.append(signer.sign(recorded.send_id, link, sent_at))
+        return found
+    finally:
+        await store.close()
+
+
+async def click_all(port: int, found: list[str]) -> list[int]:
+    async with aiohttp.ClientSession(headers={"User-Agent": BROWSER}) as session:
+        statuses = []
+        for token in found:
+            async with session.get(f"http://{LOOPBACK}:{port}/c/{token}",
+                                   allow_redirects=False) as response:  # fmt: skip
+                statuses.append(response.status)
+        return statuses
+
+
+@pytest.mark.slow
+async def test_two_web_nodes_deliver_each_event_once(tmp_path, receiver):
+    storage = pg.storage_for(tmp_path)
+    nodes = [hook_config(tmp_path, receiver, storage, f"web{n}") for n in range(2)]
+    found = await tokens(nodes[0][0], 40)
+    services = [ServiceProcess("web", "--config", str(path)) for path, _ in nodes]
+    try:
+        for service in services:
+            await service.start("http service listening")
+        statuses = [
+            *await click_all(nodes[0][1], found[::2]),
+            *await click_all(nodes[1][1], found[1::2]),
+        ]
+        await receiver.wait_for(40)
+        for service in services:  # each lets its requests in flight finish first
+            service.signal(signal.SIGTERM)
+        codes = [await service.wait() for service in services]
+    finally:
+        for service in services:
+            await service.kill()
+    ids = [headers["webhook-id"] for headers, _ in receiver.received]
+    assert statuses == [302] * 40 and codes == [0, 0]
+    assert len(ids) == 40 and len(set(ids)) == 40  # every event, from one node, once
+    assert receiver.rejected == 0
+
+
+@pytest.mark.slow
+async def test_an_event_in_flight_when_its_node_is_killed_goes_out_again(tmp_path, receiver):
+    receiver.hang = True
+    path, port = hook_config(tmp_path, receiver, pg.storage_for(tmp_path), "web",
+                             timeout_seconds=2)  # fmt: skip
+    found = await tokens(path, 1)
+    service = ServiceProcess("web", "--config", str(path))
+    try:
+        await service.start("http service listening")
+        assert await click_all(port, found) == [302]
+        await receiver.wait_for(1)  # on its way, never answered
+        service.signal(signal.SIGKILL)
+        assert await service.wait() == -signal.SIGKILL
+        receiver.hang = False
+        service = ServiceProcess("web", "--config", str(path))
+        await service.start("http service listening")
+        started = time.monotonic()
+        await receiver.wait_for(2, timeout=30)  # once the dead node's lease ran out
+        waited = time.monotonic() - started
+        service.signal(signal.SIGTERM)
+        assert await service.wait() == 0
+    finally:
+        await service.kill()
+    first, again = (headers["webhook-id"] for headers, _ in receiver.received)
+    assert first == again and len(receiver.received) == 2
+    assert waited < 2 + webhooks.LEASE_MARGIN_SECONDS + 2 * webhooks.POLL_SECONDS

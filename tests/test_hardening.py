@@ -27,6 +27,7 @@ from clickrelay.passwords import hash_password
 from clickrelay.storage.base import NewSend
 from clickrelay.storage.sqlite import open_sqlite
 
+import pg
 from support import BROWSER, ServiceProcess, basic_auth, free_port, start_web, write_config
 
 A = "https://shop.example.com/a"
@@ -247,8 +248,9 @@ async def test_a_replayed_link_counts_ten_human_clicks_a_minute(web_settings):
         send_id, links = await web.send(urls=(A,))
         statuses = [(await web.click(send_id, links[A])).status for _ in range(50)]
         report = await web.api("/api/campaigns/c1")
-    with sqlite3.connect(web_settings.storage.database) as db:
-        reasons = [r for (r,) in db.execute("SELECT bot_reason FROM clicks ORDER BY id")]
+    reasons = [
+        r for (r,) in pg.query(web_settings.storage, "SELECT bot_reason FROM clicks ORDER BY id")
+    ]
     assert statuses == [302] * 50  # still redirected
     assert (report["total_clicks"], report["bot_clicks"], report["unique_clicks"]) == (10, 40, 1)
     assert reasons == [None] * 10 + ["repeat"] * 40

@@ -18,14 +18,12 @@ import re
 import resource
 import signal
 import socket
-import sqlite3
 import ssl
 import string
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -41,6 +39,7 @@ from clickrelay.storage import open_store
 from clickrelay.storage.base import NewSend
 from clickrelay.tracking.tokens import Signer, load_secret
 
+import pg
 from support import (
     BROWSER,
     LOOPBACK,
@@ -119,9 +118,8 @@ def no_trace(settings: config.Settings) -> config.Settings:
     return replace(settings, smtp=replace(settings.smtp, received_header=False))
 
 
-def sends_table(database: Path) -> list[tuple[str, str, str]]:
-    with contextlib.closing(sqlite3.connect(database)) as db:
-        return db.execute("SELECT message_id, decision, outcome FROM sends ORDER BY id").fetchall()
+def sends_table(storage: config.StorageSettings) -> list[tuple[str, str, str]]:
+    return pg.query(storage, "SELECT message_id, decision, outcome FROM sends ORDER BY id")
 
 
 # ---------------------------------------------------------------- 1. upstream outage
@@ -218,7 +216,7 @@ async def test_concurrent_clients_each_message_delivered_exactly_once(settings, 
     for mid, urls in targets.items():  # every message's tracking links lead to its own links
         tag, n = mid.split("@")[0].rsplit("-", 1)
         assert urls == {f"https://example.com/{tag}/{n}?ref=mail", "https://example.com/shared"}
-    sends = sends_table(settings.storage.database)
+    sends = sends_table(settings.storage)
     assert Counter(mid for mid, _, _ in sends) == Counter(f"<{mid}>" for mid in expected)
     assert {(decision, outcome) for _, decision, outcome in sends} == {("tracked", "accepted")}
 
@@ -275,7 +273,7 @@ async def test_service_answers_while_300_idle_connections_are_open(tmp_path, ups
     assert replies[-1].startswith("250 ")
     assert health == (200, None)
     assert click == (302, original)
-    assert clicks_of(tmp_path / "clickrelay.sqlite3") == 1
+    assert clicks_of(config.load(cfg).storage) == 1
     assert all(reply.startswith("250") for reply in noops), Counter(noops)
     assert statuses == [200] * IDLE
     assert code == 0
@@ -326,9 +324,8 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str | None
         return response.status, response.headers.get("Location")
 
 
-def clicks_of(database: Path) -> int:
-    with contextlib.closing(sqlite3.connect(database)) as db:
-        return db.execute("SELECT count(*) FROM clicks").fetchone()[0]
+def clicks_of(storage: config.StorageSettings) -> int:
+    return pg.query(storage, "SELECT count(*) FROM clicks")[0][0]
 
 
 # ---------------------------------------------------------------- 4. protocol abuse
@@ -621,12 +618,13 @@ class ClickLoad:
             await workers
 
 
-def stored_clicks(database: Path) -> tuple[Counter[tuple[int, int]], str]:
-    """The (send, link) pairs in the clicks table, and what `PRAGMA integrity_check` says."""
-    with contextlib.closing(sqlite3.connect(database)) as db:
-        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
-        pairs = Counter(db.execute("SELECT send_id, link_id FROM clicks").fetchall())
-    return pairs, integrity
+def stored_clicks(storage: config.StorageSettings) -> tuple[Counter[tuple[int, int]], str]:
+    """The (send, link) pairs in the clicks table, and whether the database file is sound
+    (SQLite's `PRAGMA integrity_check`; PostgreSQL keeps its own, "ok")."""
+    pairs = Counter(pg.query(storage, "SELECT send_id, link_id FROM clicks"))
+    if storage.sqlite_path is None:
+        return pairs, "ok"
+    return pairs, pg.query(storage, "PRAGMA integrity_check")[0][0]
 
 
 @pytest.mark.slow
@@ -644,7 +642,7 @@ async def test_kill_9_of_the_web_process_loses_no_answered_click(tmp_path):
         killed = await service.wait()
     finally:
         await service.kill()
-    stored, integrity = stored_clicks(settings.storage.database)
+    stored, integrity = stored_clicks(settings.storage)
     attempted = {click.pair for click in tracked} - {click.pair for click in load.todo}
 
     assert killed == -signal.SIGKILL
@@ -664,7 +662,7 @@ async def test_kill_9_of_the_web_process_loses_no_answered_click(tmp_path):
         stopped = await service.wait()
     finally:
         await service.kill()
-    restored, integrity = stored_clicks(settings.storage.database)
+    restored, integrity = stored_clicks(settings.storage)
 
     assert after == [(302, fresh.url), (302, again.url)]
     assert stopped == 0
@@ -868,7 +866,7 @@ class Fuzz:
 
     relay: RunningRelay
     upstream: ScriptedUpstream
-    database: Path
+    storage: config.StorageSettings
     caplog: pytest.LogCaptureFixture
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     numbers: itertools.count = field(default_factory=itertools.count)
@@ -893,7 +891,7 @@ class Fuzz:
         forwarded, expected = self.upstream.received[-1].content, normalized(body)
         assert not BARE_LINE_END.search(forwarded)  # the wire knows no other line end than CRLF
         assert errors_logged(self.caplog) == []
-        (decision,) = [d for mid, d, _ in sends_table(self.database) if mid == f"<fuzz-{n}@x>"]
+        (decision,) = [d for mid, d, _ in sends_table(self.storage) if mid == f"<fuzz-{n}@x>"]
         if forwarded == expected:
             return "untouched"
         assert decision == "tracked"
@@ -956,7 +954,7 @@ UTF16_QUOTED_PRINTABLE = leaf_headers(  # UTF-16 has 0x0A bytes that are no line
 async def fuzz_through_relay(settings, upstream, caplog, strategy, known=()) -> Counter[str]:
     """Run Hypothesis (in a worker thread) against one relay on this test's event loop."""
     async with start_relay(no_trace(settings)) as relay:
-        fuzz = Fuzz(relay, upstream, settings.storage.database, caplog)
+        fuzz = Fuzz(relay, upstream, settings.storage, caplog)
 
         def examples(tree: bytes) -> None:
             fuzz.check(tree)

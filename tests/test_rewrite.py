@@ -7,7 +7,6 @@ import binascii
 import codecs
 import email
 import re
-import sqlite3
 from dataclasses import replace
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from clickrelay.tracking import rewrite
 from clickrelay.tracking.links import find_links
 
+import pg
 from support import assert_faithful, message, send, start_relay
 
 CAMPAIGN = {
@@ -118,8 +118,7 @@ def decoded_html(raw: bytes) -> list[str]:
 
 
 def rows(settings, sql: str) -> list[tuple]:
-    with sqlite3.connect(settings.storage.database) as db:
-        return db.execute(sql).fetchall()
+    return pg.query(settings.storage, sql)
 
 
 async def test_every_link_rule_on_a_handwritten_newsletter(settings, upstream):

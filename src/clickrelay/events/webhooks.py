@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how soon a new event (or a retry come due) goes out, at most
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 6 * 3600.0
-LEASE_MARGIN_SECONDS = 30.0  # beyond the request timeout, before another node may take over
+LEASE_MARGIN_SECONDS = 5.0  # beyond the request timeout, before another node may take over
 CLOSE_SECONDS = 5.0  # how long a stopping node lets requests in flight finish
 
 

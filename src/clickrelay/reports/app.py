@@ -41,6 +41,7 @@ from clickrelay.storage.base import (
     ContactClicks,
     ContactPage,
     CursorError,
+    EndpointStats,
     LinkSummary,
     Store,
     StoreError,
@@ -501,6 +502,11 @@ class Reports:
             raise web.HTTPNotFound(text="No such campaign.\n")
         return audience
 
+    async def _webhook_stats(self) -> list[EndpointStats]:
+        if not self.settings.webhooks:
+            return []
+        return await self.store.webhook_stats([e.url for e in self.settings.webhooks])
+
     # ------------------------------------------------------------ HTML
 
     def _render(self, template: str, **context: Any) -> web.Response:
@@ -512,6 +518,7 @@ class Reports:
         return self._render(
             "campaigns.html", campaigns=campaigns, sort=sort, descending=descending,
             search=request.query.get("q", ""), settings=self.settings,
+            webhooks=await self._webhook_stats(),
         )  # fmt: skip
 
     async def campaign_page(self, request: web.Request) -> web.Response:
@@ -557,7 +564,7 @@ class Reports:
         )
 
     async def webhooks_api(self, request: web.Request) -> web.Response:
-        stats = await self.store.webhook_stats([e.url for e in self.settings.webhooks])
+        stats = await self._webhook_stats()
         return web.json_response({"webhooks": [asdict(endpoint) for endpoint in stats]})
 
     async def erase_api(self, request: web.Request) -> web.Response:

@@ -298,8 +298,9 @@ class Store(Protocol):
 
     async def erase_contact(self, contact_id: str | None, email: str | None) -> Erased:
         """Remove every trace of the contact with this id (or else this address): ids,
-        addresses, IPs, user agents, pending deliveries. Counts stay as they were; their links
-        still redirect, and later clicks on them are stored without identity."""
+        addresses, IPs, user agents, their events (from the feed and pending deliveries).
+        Counts stay as they were; their links still redirect, and later clicks on them are
+        stored (and told) without identity."""
 
     async def prune(self, before: float, limit: int) -> int:
         """One bounded step of retention: up to `limit` sends older than `before` made

@@ -368,8 +368,12 @@ _ERASE: list[tuple[str, tuple[int, ...]]] = [
      " AND contact_key = $2", (1, 2, 3)),
     ("UPDATE link_contacts SET contact_key = $3 WHERE contact_key = $2"
      " AND link_id IN (SELECT id FROM links WHERE campaign_id = $1)", (1, 2, 3)),
+]  # fmt: skip
+# ... and, for an erasure (not for retention, which deletes by age), its events.
+_FORGET_EVENTS: list[tuple[str, tuple[int, ...]]] = [
     ("DELETE FROM deliveries WHERE state = 'pending'"
      " AND event_id IN (SELECT id FROM events WHERE send_id = $1)", (0,)),
+    ("DELETE FROM events WHERE send_id = $1", (0,)),  # told nowhere any more, not the feed
 ]  # fmt: skip
 # A retention step after the sends ($1 before, $2 limit); clicks only once counted.
 _PRUNE = [
@@ -863,17 +867,20 @@ class PostgresStore:
                 f" WHERE s.{column} = $1",  # (a column name of two)
                 cleaned(value),
             )
-            return Erased(len(sends), await self._erase_sends(con, sends))
+            return Erased(len(sends), await self._erase_sends(con, sends, _ERASE + _FORGET_EVENTS))
 
         return await self._in_transaction(work)
 
-    async def _erase_sends(self, con: asyncpg.Connection, sends: Sequence[Any]) -> int:
+    async def _erase_sends(
+        self, con: asyncpg.Connection, sends: Sequence[Any],
+        statements: list[tuple[str, tuple[int, ...]]],
+    ) -> int:  # fmt: skip
         """Make these sends anonymous, their clicks re-keyed (counts kept); how many clicks.
         Under the roll-up lock: a roll-up under way would count clicks under the old key."""
         await con.execute("SELECT pg_advisory_xact_lock($1)", ROLL_UP_LOCK)
         clicks = 0
         for names in erasure_keys(sends):
-            for n, (statement, taken) in enumerate(_ERASE):
+            for n, (statement, taken) in enumerate(statements):
                 status = await con.execute(statement, *(names[i] for i in taken))
                 if n == 0:
                     clicks += int(status.rsplit(" ", 1)[1])  # "UPDATE n"
@@ -886,7 +893,7 @@ class PostgresStore:
                 " WHERE s.sent_at < $1 AND NOT s.anonymous LIMIT $2",
                 before, limit,
             )  # fmt: skip
-            await self._erase_sends(con, sends)
+            await self._erase_sends(con, sends, _ERASE)
             changed = len(sends)
             for statement in _PRUNE:
                 status = await con.execute(statement, before, limit)

@@ -50,15 +50,21 @@ class RollUps:
         )
 
     async def _run(self) -> None:
-        while self._due():
+        again = False
+        while again or self._due():
             self._rolled_at = time.monotonic()
+            before = self._unrolled
             try:
                 rolled = await self._step(ROLL_UP_LIMIT)
             except StoreError as exc:  # the clicks are stored; the counters catch up next time
                 log.error("rolling up click counters failed: %s", exc)
                 return
-            # A full step may have left more behind; a short one has counted everything.
-            self._unrolled = max(0, self._unrolled - rolled) if rolled >= ROLL_UP_LIMIT else 0
+            # Clicks committed while the step ran (another writer may commit meanwhile, as on
+            # PostgreSQL) may not be in it; a full step may have left more behind: go on at once.
+            meanwhile = self._unrolled - before
+            full = rolled >= ROLL_UP_LIMIT
+            self._unrolled = (max(0, before - rolled) if full else 0) + meanwhile
+            again = full or meanwhile > 0
 
     async def close(self) -> None:
         if self._task is not None:

@@ -356,8 +356,12 @@ _ERASE = [
     " WHERE campaign_id = :campaign AND contact_key = :old",
     "UPDATE link_contacts SET contact_key = :new WHERE contact_key = :old"
     " AND link_id IN (SELECT id FROM links WHERE campaign_id = :campaign)",
+]
+# ... and, for an erasure (not for retention, which deletes by age), its events.
+_FORGET_EVENTS = [
     "DELETE FROM deliveries WHERE state = 'pending'"
     " AND event_id IN (SELECT id FROM events WHERE send_id = :send)",
+    "DELETE FROM events WHERE send_id = :send",  # told nowhere any more, not even the feed
 ]
 # A retention step after the sends (named parameters: before, limit). Events go with their
 # deliveries; clicks only once counted.
@@ -878,18 +882,20 @@ class SQLiteStore:
                     (value,),
                 ) as cursor:
                     sends = list(await cursor.fetchall())
-                clicks = await self._erase_sends(db, sends)
+                clicks = await self._erase_sends(db, sends, _ERASE + _FORGET_EVENTS)
         except _FAILURES as exc:
             raise StoreError(str(exc)) from exc
         return Erased(len(sends), clicks)
 
-    async def _erase_sends(self, db: aiosqlite.Connection, sends: Sequence[sqlite3.Row]) -> int:
+    async def _erase_sends(
+        self, db: aiosqlite.Connection, sends: Sequence[sqlite3.Row], statements: list[str]
+    ) -> int:
         """Make these sends anonymous, their clicks re-keyed (counts kept); how many clicks."""
         clicks = 0
         for send_id, campaign_id, old, new in erasure_keys(sends):
             names = {"send": send_id, "campaign": campaign_id, "old": old, "new": new}
             clicks += (await db.execute(_ERASE_CLICKS, names)).rowcount
-            for statement in _ERASE:
+            for statement in statements:
                 await db.execute(statement, names)
         return clicks
 
@@ -903,7 +909,7 @@ class SQLiteStore:
                     (before, limit),
                 ) as cursor:
                     sends = list(await cursor.fetchall())
-                await self._erase_sends(db, sends)
+                await self._erase_sends(db, sends, _ERASE)
                 changed = len(sends)
                 for statement in _PRUNE:
                     cursor = await db.execute(statement, {"before": before, "limit": limit})
