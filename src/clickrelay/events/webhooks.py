@@ -30,6 +30,7 @@ POLL_SECONDS = 1.0  # how soon a new event (or a retry come due) goes out, at mo
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 6 * 3600.0
 LEASE_MARGIN_SECONDS = 5.0  # beyond the request timeout, before another node may take over
+BUSY_SECONDS = 0.002  # a turn of the loop that long means it has more to do than it can
 CLOSE_SECONDS = 5.0  # how long a stopping node lets requests in flight finish
 
 
@@ -62,6 +63,7 @@ class EndpointSender:
 
     async def run(self) -> None:
         while True:
+            await self._give_way()
             free = self.endpoint.max_concurrency - len(self._in_flight)
             deliveries = await self._claim(free) if free > 0 else []
             for delivery in deliveries:
@@ -70,6 +72,16 @@ class EndpointSender:
                 task.add_done_callback(self._in_flight.discard)
             if not deliveries or len(self._in_flight) >= self.endpoint.max_concurrency:
                 await self._pause()
+
+    @staticmethod
+    async def _give_way() -> None:
+        """Wait while the event loop is saturated (a turn of it takes over BUSY_SECONDS): the
+        redirects and SMTP answers on it come first; the events wait in order and go out once
+        the load eases (at least `max_concurrency` of them a poll interval meanwhile)."""
+        started = time.monotonic()
+        await asyncio.sleep(0)
+        if time.monotonic() - started > BUSY_SECONDS:
+            await asyncio.sleep(POLL_SECONDS)
 
     async def _pause(self) -> None:
         """Until a request finishes (a slot is free) or the next poll is due."""

@@ -54,7 +54,7 @@ class CursorError(ValueError):
 MAX_ID = 2**63 - 1  # a 64-bit signed id: a larger one matches no row (and cannot be bound)
 MAX_CURSOR_LENGTH = 1024
 LINK_CACHE_SIZE = 50_000
-FAN_OUT_LIMIT = 1000  # events turned into one endpoint's deliveries per claim
+FAN_OUT_LIMIT = 1000  # events read at most for one endpoint's claim
 
 # How the campaign list can be ordered (each backend maps these names to its own SQL).
 CAMPAIGN_SORTS = frozenset({
@@ -385,9 +385,13 @@ def counts_as_sent(table: str) -> str:
 
 
 # An event's columns, read from the rows it describes (the same SQL on every backend).
-EVENT_COLUMNS = """
-    e.id, e.at, CASE WHEN e.click_id IS NULL THEN 'send'
-        WHEN k.bot_reason IS NULL THEN 'click' ELSE 'bot_click' END AS type,
+_EVENT_TYPE = """CASE WHEN e.click_id IS NULL THEN 'send'
+        WHEN k.bot_reason IS NULL THEN 'click' ELSE 'bot_click' END AS type"""
+# Only what a fan-out needs (id, time, type): it reads many more events than it delivers.
+EVENT_KINDS = f"""
+    e.id, e.at, {_EVENT_TYPE} FROM events e LEFT JOIN clicks k ON k.id = e.click_id"""
+EVENT_COLUMNS = f"""
+    e.id, e.at, {_EVENT_TYPE},
     k.link_id, l.url, k.bot_reason, s.contact_id, s.email, s.message_id, s.sent_at,
     c.campaign_key, c.name AS campaign_name
     FROM events e JOIN sends s ON s.id = e.send_id JOIN campaigns c ON c.id = s.campaign_id
@@ -424,6 +428,29 @@ def erasure_keys(sends: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, str
          f"#erased:{first[(row['campaign_id'], row['key'])]}")
         for row in sends
     ]  # fmt: skip
+
+
+def fan_out_size(room: int) -> int:
+    """How many events a claim with `room` for deliveries reads (some may be of other types)."""
+    return min(FAN_OUT_LIMIT, room * 16 + 64)
+
+
+def fan_out(
+    rows: Sequence[Mapping[str, Any]], types: Collection[str], room: int, until: float
+) -> tuple[list[int], Mapping[str, Any] | None]:
+    """From events in order: the ids of up to `room` of `types` to deliver, and the last row
+    considered (the endpoint's new position; None: none). Deliveries are made only as fast as
+    they go out, so a node busy with redirects does little outbox work; the rest waits in order.
+    """
+    wanted: list[int] = []
+    last = None
+    for row in settled(rows, until):
+        if len(wanted) == room:
+            break
+        if row["type"] in types:
+            wanted.append(row["id"])
+        last = row
+    return wanted, last
 
 
 def delivery_state(error: str | None, retry_at: float | None) -> str:

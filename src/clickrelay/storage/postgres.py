@@ -30,7 +30,7 @@ import asyncpg
 
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
-    FAN_OUT_LIMIT,
+    EVENT_KINDS,
     MAX_ID,
     Audience,
     CampaignReport,
@@ -58,6 +58,8 @@ from clickrelay.storage.base import (
     endpoint_stats,
     erasure_keys,
     event_of,
+    fan_out,
+    fan_out_size,
     like_pattern,
     link_of,
     report_of,
@@ -278,6 +280,10 @@ MIGRATIONS: list[list[str]] = [
 _SETTLED_XACT = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _EVENTS_AFTER = f"""
     SELECT e.xact, {EVENT_COLUMNS}
+    WHERE (e.xact, e.id) > ($1, $2) AND e.xact < {_SETTLED_XACT}
+    ORDER BY e.xact, e.id LIMIT $3"""
+_KINDS_AFTER = f"""
+    SELECT e.xact, {EVENT_KINDS}
     WHERE (e.xact, e.id) > ($1, $2) AND e.xact < {_SETTLED_XACT}
     ORDER BY e.xact, e.id LIMIT $3"""
 
@@ -757,7 +763,7 @@ class PostgresStore:
 
         async def work(con: asyncpg.Connection) -> list[Delivery]:
             now = time.time()
-            endpoint_id = await self._fan_out(con, endpoint, types, until, now)
+            endpoint_id = await self._fan_out(con, endpoint, types, limit, until, now)
             claimed = await con.fetch(
                 "UPDATE deliveries SET due_at = $1, attempts = attempts + 1 WHERE id IN"
                 " (SELECT id FROM deliveries WHERE endpoint_id = $2 AND state = 'pending'"
@@ -796,12 +802,12 @@ class PostgresStore:
         )  # fmt: skip
 
     async def _fan_out(
-        self, con: asyncpg.Connection, endpoint: str, types: Collection[str], until: float,
-        now: float,
+        self, con: asyncpg.Connection, endpoint: str, types: Collection[str], room: int,
+        until: float, now: float,
     ) -> int:  # fmt: skip
-        """The endpoint's id, after adding deliveries for the events of `types` since its last
-        fan-out (a new endpoint starts after the newest event). Its row stays locked until
-        commit: one node at a time fans out an endpoint."""
+        """The endpoint's id, after adding deliveries for up to `room` events of `types`
+        that follow its position (a new endpoint starts after the newest event). Its row stays
+        locked until commit: one node at a time fans out an endpoint."""
         await con.execute(
             "INSERT INTO webhook_endpoints (url, position_xact, position_id)"  # noqa: S608
             " SELECT $1, coalesce(max(xact), 0), coalesce(max(id), 0) FROM events"
@@ -814,12 +820,11 @@ class PostgresStore:
             endpoint,
         )
         endpoint_id = row["id"]
-        events = await con.fetch(
-            _EVENTS_AFTER, row["position_xact"], row["position_id"], FAN_OUT_LIMIT
+        rows = await con.fetch(
+            _KINDS_AFTER, row["position_xact"], row["position_id"], fan_out_size(room)
         )
-        events = settled(events, until)
-        if events:
-            wanted = [event["id"] for event in events if event["type"] in types]
+        wanted, last = fan_out(rows, types, room, until)
+        if last is not None:
             await con.execute(
                 "INSERT INTO deliveries (endpoint_id, event_id, due_at)"
                 " SELECT $1, unnest($2::bigint[]), $3 ON CONFLICT DO NOTHING",
@@ -828,7 +833,7 @@ class PostgresStore:
             await con.execute(
                 "UPDATE webhook_endpoints SET position_xact = $1, position_id = $2"
                 " WHERE id = $3",
-                events[-1]["xact"], events[-1]["id"], endpoint_id,
+                last["xact"], last["id"], endpoint_id,
             )  # fmt: skip
         return endpoint_id
 

@@ -23,7 +23,7 @@ import aiosqlite
 
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
-    FAN_OUT_LIMIT,
+    EVENT_KINDS,
     MAX_ID,
     Audience,
     CampaignReport,
@@ -50,6 +50,8 @@ from clickrelay.storage.base import (
     endpoint_stats,
     erasure_keys,
     event_of,
+    fan_out,
+    fan_out_size,
     like_pattern,
     link_of,
     report_of,
@@ -773,7 +775,7 @@ class SQLiteStore:
         try:
             async with self._transaction() as db:
                 now = time.time()  # once the writer is ours: what others did is in the past
-                endpoint_id = await self._fan_out(db, endpoint, types, until, now)
+                endpoint_id = await self._fan_out(db, endpoint, types, limit, until, now)
                 async with db.execute(
                     "UPDATE deliveries SET due_at = ?, attempts = attempts + 1 WHERE id IN"
                     " (SELECT id FROM deliveries WHERE endpoint_id = ? AND state = 'pending'"
@@ -815,11 +817,11 @@ class SQLiteStore:
         return bool(found[0][0])
 
     async def _fan_out(
-        self, db: aiosqlite.Connection, endpoint: str, types: Collection[str], until: float,
-        now: float,
+        self, db: aiosqlite.Connection, endpoint: str, types: Collection[str], room: int,
+        until: float, now: float,
     ) -> int:  # fmt: skip
-        """The endpoint's id, after adding deliveries for the events of `types` since its last
-        fan-out (a new endpoint starts after the newest event)."""
+        """The endpoint's id, after adding deliveries for up to `room` events of `types` that
+        follow its position (a new endpoint starts after the newest event)."""
         async with db.execute(
             "INSERT INTO webhook_endpoints (url, position) VALUES"
             " (?, (SELECT coalesce(max(id), 0) FROM events)) ON CONFLICT (url) DO UPDATE"
@@ -828,19 +830,18 @@ class SQLiteStore:
         ) as cursor:
             endpoint_id, position = await cursor.fetchone()
         async with db.execute(
-            f"SELECT {EVENT_COLUMNS} WHERE e.id > ? ORDER BY e.id LIMIT ?",
-            (position, FAN_OUT_LIMIT),
+            f"SELECT {EVENT_KINDS} WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            (position, fan_out_size(room)),
         ) as cursor:
-            rows = settled(list(await cursor.fetchall()), until)
-        if rows:
+            wanted, last = fan_out(list(await cursor.fetchall()), types, room, until)
+        if last is not None:
             await db.executemany(
                 "INSERT INTO deliveries (endpoint_id, event_id, due_at) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                [(endpoint_id, row["id"], now) for row in rows if row["type"] in types],
+                [(endpoint_id, event_id, now) for event_id in wanted],
             )
             await db.execute(
-                "UPDATE webhook_endpoints SET position = ? WHERE id = ?",
-                (rows[-1]["id"], endpoint_id),
+                "UPDATE webhook_endpoints SET position = ? WHERE id = ?", (last["id"], endpoint_id)
             )
         return endpoint_id
 
