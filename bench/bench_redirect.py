@@ -6,6 +6,9 @@ CPU does not hide the difference. The load generator is wrk (Debian package) whe
 else a bounded aiohttp client loop.
 
     python bench/bench_redirect.py [--seconds 10] [--connections 64]
+
+bench_postgres.py reuses these pieces (seeding, server start/stop, the load generators) to run
+the same load against PostgreSQL and against several web nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +49,16 @@ request = function()
   return wrk.format("GET", "/c/" .. tokens[(n %% #tokens) + 1])
 end
 """
+# With several servers, wrk's threads are dealt out over them (thread i -> server i mod n).
+WRK_SPREAD = """
+local ports = {%s}
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread.addr = wrk.lookup("127.0.0.1", ports[(threads - 1) %% #ports + 1])[1]
+end
+"""
+WRK_THREADS = 2
 
 
 def free_port() -> int:
@@ -53,17 +67,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pinned(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
+def pinned(cpus: int | str | None) -> list[str]:
+    """A command prefix that runs on `cpus` ("0", "0,1"; None: no prefix, the caller's CPUs)."""
+    if cpus is None or not shutil.which("taskset") or os.cpu_count() < 2:
+        return []
+    return ["taskset", "-c", str(cpus)]
 
 
-async def seed(folder: Path, sends: int, links: int) -> list[str]:
-    """A database with `sends` sends of one campaign; returns one token per (send, link)."""
-    from clickrelay.storage.sqlite import NewSend, open_store
+async def seed(storage, secret: Path, sends: int, links: int) -> list[str]:
+    """`sends` sends of one campaign into `storage` (StorageSettings); returns one token per
+    (send, link), signed with the secret in `secret` (created if absent)."""
+    from clickrelay.storage import open_store
+    from clickrelay.storage.base import NewSend
     from clickrelay.tracking.tokens import Signer, load_secret
 
-    store = await open_store(folder / "db.sqlite3")
-    signer = Signer(load_secret(folder / "secret"), store.instance_id)
+    store = await open_store(storage)
+    signer = Signer(load_secret(secret), store.instance_id)
     urls = tuple(f"https://shop.example.com/item/{i}?utm_source=bench" for i in range(links))
     tokens = []
     for i in range(sends):
@@ -77,6 +96,21 @@ async def seed(folder: Path, sends: int, links: int) -> list[str]:
         ]
     await store.close()
     return tokens
+
+
+def web_config(path: Path, port: int, storage: str, secret: Path) -> Path:
+    """A `clickrelay web` config at `path`: listen on `port`, `storage` the [storage] lines."""
+    path.write_text(
+        f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[web]\nlisten = "127.0.0.1:{port}"\n'
+        f'[storage]\n{storage}\n[tracking]\nsecret_file = "{secret}"\n'
+    )
+    return path
+
+
+def web_node(config: Path, cpus: int | str | None = 0) -> list[str]:
+    """The command of a `clickrelay web` node (on `cpus`)."""
+    return [*pinned(cpus), sys.executable, "-m", "clickrelay", "--log-level", "warning", "web",
+            "--config", str(config)]  # fmt: skip
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
@@ -98,21 +132,30 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
-def load_wrk(port: int, tokens_file: Path, seconds: int, connections: int) -> dict:
-    script = tokens_file.with_suffix(".lua")
-    script.write_text(WRK_SCRIPT % tokens_file)
+def load_wrk(
+    port: int | Sequence[int], tokens_file: Path, seconds: int, connections: int,
+    cpus: int | str | None = 1,
+) -> dict:  # fmt: skip
+    """wrk on `cpus` against the server on `port`, or its threads spread over several ports."""
+    ports = [port] if isinstance(port, int) else list(port)
+    script = tokens_file.with_suffix(f".{len(ports)}.lua")
+    spread = WRK_SPREAD % ", ".join(f'"{p}"' for p in ports) if len(ports) > 1 else ""
+    script.write_text(WRK_SCRIPT % tokens_file + spread)
+    threads = max(WRK_THREADS, len(ports))
     out = subprocess.run(
-        [*pinned(1), "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
-         str(script), f"http://127.0.0.1:{port}"],
+        [*pinned(cpus), "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-s", str(script), f"http://127.0.0.1:{ports[0]}"],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     latency = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     return {"rps": rps, "p50": latency["50"], "p99": latency["99"],
-            "bad": int(errors.group(1)) if errors else 0}  # fmt: skip
+            "bad": int(errors.group(1)) if errors else 0, "requests": requests}  # fmt: skip
 
 
 def _ms(text: str) -> float:
@@ -120,18 +163,24 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def load_python(port: int, tokens_file: Path, seconds: int, connections: int) -> dict:
-    """Fallback load generator: aiohttp clients in a child process pinned to CPU 1."""
+def load_python(
+    port: int | Sequence[int], tokens_file: Path, seconds: int, connections: int,
+    cpus: int | str | None = 1,
+) -> dict:  # fmt: skip
+    """Fallback load generator: aiohttp clients in a child process on `cpus` (CPU 1); with
+    several ports, client k talks to port k mod n."""
+    ports = [port] if isinstance(port, int) else list(port)
     code = f"""
 import asyncio, json, time, aiohttp
 tokens = open({str(tokens_file)!r}).read().split()
+ports = {ports!r}
 async def worker(session, deadline, lat, start):
     i = start
     bad = 0
+    base = f"http://127.0.0.1:{{ports[start % len(ports)]}}/c/"
     while time.monotonic() < deadline:
         t = time.perf_counter()
-        async with session.get(f"http://127.0.0.1:{port}/c/" + tokens[i % len(tokens)],
-                               allow_redirects=False) as r:
+        async with session.get(base + tokens[i % len(tokens)], allow_redirects=False) as r:
             await r.read()
             bad += r.status != 302
         lat.append(time.perf_counter() - t)
@@ -148,12 +197,18 @@ async def main():
         elapsed = time.monotonic() - t0
     lat.sort()
     print(json.dumps({{"rps": len(lat) / elapsed, "p50": lat[len(lat) // 2] * 1000,
-                      "p99": lat[int(len(lat) * 0.99)] * 1000, "bad": bad}}))
+                      "p99": lat[int(len(lat) * 0.99)] * 1000, "bad": bad,
+                      "requests": len(lat)}}))
 asyncio.run(main())
 """
-    out = subprocess.run([*pinned(1), sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=seconds + 60).stdout  # fmt: skip
+    out = subprocess.run([*pinned(cpus), sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True, timeout=seconds + 60).stdout  # fmt: skip
     return json.loads(out)
+
+
+def load_generator():
+    """wrk when installed, else the aiohttp client loop."""
+    return load_wrk if shutil.which("wrk") else load_python
 
 
 def main() -> None:
@@ -163,27 +218,24 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    load = load_wrk if shutil.which("wrk") else load_python
+    from clickrelay.config import StorageSettings
+
+    load = load_generator()
     folder = Path(tempfile.mkdtemp(prefix="clickrelay-bench-"))
-    tokens = asyncio.run(seed(folder, args.sends, links=10))
+    storage = StorageSettings(database=folder / "db.sqlite3")
+    tokens = asyncio.run(seed(storage, folder / "secret", args.sends, links=10))
     tokens_file = folder / "tokens.txt"
     tokens_file.write_text("\n".join(tokens) + "\n")
     web_port, bare_port = free_port(), free_port()
-    config = folder / "clickrelay.toml"
-    config.write_text(
-        f'[upstream]\nurl = "smtp://127.0.0.1:25"\n[web]\nlisten = "127.0.0.1:{web_port}"\n'
-        f'[storage]\ndatabase = "{folder}/db.sqlite3"\n'
-        f'[tracking]\nsecret_file = "{folder}/secret"\n'
-    )
+    config = web_config(folder / "clickrelay.toml", web_port,
+                        f'database = "{storage.database}"', folder / "secret")  # fmt: skip
     print(f"# {load.__name__.removeprefix('load_')} load, {args.connections} connections, "
           f"{args.rounds} interleaved rounds of {args.seconds} s; server on CPU 0, load on CPU 1; "
           f"{os.cpu_count()} CPUs; medians")  # fmt: skip
     servers = {
         "bare aiohttp 302": ([*pinned(0), sys.executable, "-c", BARE, str(bare_port)], bare_port),
-        "clickrelay (durable clicks)": (
-            [*pinned(0), sys.executable, "-m", "clickrelay", "--log-level", "warning", "web",
-             "--config", str(config)], web_port),
-    }  # fmt: skip
+        "clickrelay (durable clicks)": (web_node(config, 0), web_port),
+    }
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     for _ in range(args.rounds):
         for name, (cmd, port) in servers.items():

@@ -156,10 +156,14 @@ class Server:
             self.proc.wait()
 
 
+# The CPUs this process may use when it starts: main() then pins this process (the client) to
+# CPU 1, which its children would inherit, so servers are started with `taskset -c 0`.
+ALLOWED_CPUS = frozenset(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ())
+
+
 def can_pin() -> bool:
     """Servers on CPU 0 and the client on CPU 1: needs both CPUs and taskset."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    return {0, 1} <= allowed and shutil.which("taskset") is not None
+    return {0, 1} <= ALLOWED_CPUS and shutil.which("taskset") is not None
 
 
 def pinned(cpu: int) -> list[str]:
@@ -178,16 +182,19 @@ def bench_server(kind: str, upstream_port: int = 0) -> Server:
     return Server(kind, cmd, port)
 
 
-def clickrelay_server(folder: Path, upstream_port: int) -> Server:
-    """clickrelay's SMTP relay with default settings but for its ports and a fresh database."""
+def clickrelay_server(folder: Path, upstream_port: int, storage: str | None = None) -> Server:
+    """clickrelay's SMTP relay with default settings but for its ports and a fresh database
+    (a SQLite file in `folder`, or the [storage] lines `storage`)."""
     folder.mkdir(parents=True)
     port = free_port()
     config = folder / "clickrelay.toml"
+    if storage is None:
+        storage = f'database = "{folder}/clickrelay.sqlite3"'
     config.write_text(
         f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "relay.bench"\n'
         f'[upstream]\nurl = "smtp://127.0.0.1:{upstream_port}"\n'
         f'[web]\npublic_url = "{PUBLIC_URL}"\n'
-        f'[storage]\ndatabase = "{folder}/clickrelay.sqlite3"\n'
+        f"[storage]\n{storage}\n"
         f'[tracking]\nsecret_file = "{folder}/secret"\n'
     )
     cmd = [*pinned(0), sys.executable, "-m", "clickrelay", "smtp", "--config", str(config)]
@@ -498,7 +505,7 @@ def stop_profiler(proc: subprocess.Popen, output: Path) -> None:
 
 # py-spy takes these blocking waits for work on this kernel; they are idle time, not CPU.
 IDLE_FRAMES = ("_connection_worker_thread (aiosqlite/core.py:59)", "EpollSelector.select (")
-LIBRARIES = ("clickrelay/", "aiosmtpd/", "aiosmtplib/", "aiosqlite/")
+LIBRARIES = ("clickrelay/", "aiosmtpd/", "aiosmtplib/", "aiosqlite/", "asyncpg/", "aiohttp/")
 ALWAYS = ("clickrelay/cli.py", "clickrelay/__main__.py")  # on every stack: not worth a line
 
 

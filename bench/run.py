@@ -1,10 +1,13 @@
 """All of clickrelay's end-to-end benchmarks in one command: SMTP relay throughput and memory
-(bench_smtp.py), link rewriting (bench_rewrite.py) and redirects (bench_redirect.py), each against
-its baseline in the same run. Prints the machine's description and every bench's output, then
-writes the figures against their targets to bench/RESULTS.md (a "## Notes" section already in
-that file is kept). The defaults keep the whole run to about five minutes.
+(bench_smtp.py), link rewriting (bench_rewrite.py), redirects (bench_redirect.py), each against
+its baseline in the same run, durable storage on PostgreSQL against SQLite with one and two
+web nodes (bench_postgres.py), and redirects with webhooks configured (bench_webhooks.py).
+Prints the machine's description and every bench's output, then writes the figures against
+their targets to bench/RESULTS.md (a "## Notes" section already in that file is kept).
+The defaults keep the whole run to about eight minutes.
 
-    python bench/run.py [--smtp-messages 2000] [--rounds 3] [--redirect-seconds 5]
+    python bench/run.py [--smtp-messages 1000] [--rounds 3] [--redirect-seconds 5]
+                        [--pg-seconds 4] [--pg-rounds 2] [--pg-messages 300]
 """
 
 from __future__ import annotations
@@ -196,6 +199,60 @@ def redirect_rows(section: Section) -> None:
     section.add("clicks stored", ratios[2])
 
 
+def postgres_rows(section: Section, figures: dict) -> None:
+    pg = figures["postgres"]
+    section.add("PostgreSQL server (tests/pg.py, durable) against SQLite synchronous=full",
+                f"{pg['server_version'].split()[0]}: fsync {pg['fsync']}, synchronous_commit "
+                f"{pg['synchronous_commit']}, wal_sync_method {pg['wal_sync_method']}")  # fmt: skip
+    section.add("CPUs", "pinned: the web node(s) and every PostgreSQL process on CPU 0, wrk on "
+                "CPU 1; shared: nothing pinned (wrk shares both CPUs with them)")  # fmt: skip
+    web = figures["redirects"]
+    for name, ratio in web["ratios"].items():
+        rounds = ", ".join(f"{r:.2f}" for r in ratio["rounds"])
+        section.add(f"redirects/s, {name}", f"{ratio['median']:.2f}x (rounds: {rounds})")
+    for key, name in web["names"].items():
+        m = web["medians"][key]
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in m["cpu"].items())
+        section.add(f"{name}: req/s, p50, p99 (CPU, % of one: {', '.join(m['cpu'])})",
+                    f"{m['rps']:.0f}, {m['p50']:.2f} ms, {m['p99']:.2f} ms ({cpu})")  # fmt: skip
+    bad = sum(m["bad"] for m in web["medians"].values())
+    section.add(f"answers other than 302 ({web['generator']} load, all setups)", str(bad), "0",
+                bad == 0)  # fmt: skip
+    for backend, stored in web["stored"].items():
+        answered = web["answered"][backend]
+        section.add(f"clicks stored / 302s answered, {backend}", f"{stored} / {answered}",
+                    ">= answered", stored >= answered)  # fmt: skip
+    mail = figures["smtp"]
+    rounds = ", ".join(f"{r:.2f}" for r in mail["ratios"])
+    section.add("SMTP tracked messages/s, PostgreSQL / SQLite full",
+                f"{mail['ratio']:.2f}x (rounds: {rounds})")  # fmt: skip
+    for key, name in (("sqlite", "SQLite full"), ("postgresql", "PostgreSQL")):
+        p = mail["paths"][key]
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_msg"].items())
+        section.add(f"SMTP on {name}: messages/s (CPU 0 ms per message)",
+                    f"{p['msgs_per_s']:.0f} ({cpu})")  # fmt: skip
+        expected = p["sent"] + p["warm"]
+        ok = p["bad_replies"] == 0 and p["sends"] == {"accepted": expected}
+        section.add(f"SMTP on {name}: bad replies; sends stored as accepted / sent",
+                    f"{p['bad_replies']}; {p['sends'].get('accepted', 0)} / {expected}",
+                    "0; all", ok)  # fmt: skip
+
+
+def webhook_rows(section: Section, figures: dict) -> None:
+    hot = figures["redirects"]
+    for name, ratio in hot["ratios"].items():
+        m = hot["medians"][name]
+        section.add(f"redirect req/s with one webhook endpoint, {name} / none",
+                    f"{ratio:.2f}x ({m['rps']:.0f} req/s, p99 {m['p99']:.2f} ms, "
+                    f"{hot['p99_ratios'][name]:.2f}x)", ">= 0.95x", ratio >= 0.95)  # fmt: skip
+    base = hot["medians"]["none"]
+    section.add("redirects with no webhook (the baseline)",
+                f"{base['rps']:.0f} req/s, p99 {base['p99']:.2f} ms")  # fmt: skip
+    for concurrency, flow in figures["delivery"].items():
+        section.add(f"webhook delivery to a fast local receiver, max_concurrency {concurrency}",
+                    f"{flow['events_per_s']:.0f} events/s ({flow['events']} events)")  # fmt: skip
+
+
 # ---------------------------------------------------------------- RESULTS.md
 
 
@@ -260,12 +317,15 @@ def main() -> None:
     parser.add_argument(
         "--smtp-messages",
         type=int,
-        default=2000,
+        default=1000,
         help="copies per path and round",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds, SMTP and HTTP")
     parser.add_argument("--redirect-seconds", type=int, default=5)
     parser.add_argument("--rewrite-seconds", type=float, default=1.0)
+    parser.add_argument("--pg-seconds", type=int, default=4, help="per PostgreSQL measurement")
+    parser.add_argument("--pg-rounds", type=int, default=2)
+    parser.add_argument("--pg-messages", type=int, default=300, help="SMTP copies per round")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     started, clock = datetime.datetime.now(datetime.UTC), time.monotonic()
@@ -293,11 +353,30 @@ def main() -> None:
             ["--seconds", str(args.redirect_seconds), *rounds],
             timeout=900,
         )
+        postgres_json = Path(folder) / "postgres.json"
+        postgres = Section(
+            "PostgreSQL and two web nodes",
+            "bench_postgres.py",
+            ["--seconds", str(args.pg_seconds), "--rounds", str(args.pg_rounds),
+             "--messages", str(args.pg_messages)],
+            timeout=900,
+        )  # fmt: skip
+        webhooks_json = Path(folder) / "webhooks.json"
+        hooks = Section(
+            "Webhooks beside the hot path",
+            "bench_webhooks.py",
+            ["--seconds", str(args.redirect_seconds), *rounds],
+            timeout=900,
+        )
         benches: list[tuple[Section, list[str], Callable[[Section], None]]] = [
             (smtp, ["--json", str(smtp_json)],
              lambda s: smtp_rows(s, json.loads(smtp_json.read_text()))),
             (rewrite, [], rewrite_rows),
             (redirect, [], redirect_rows),
+            (postgres, ["--json", str(postgres_json)],
+             lambda s: postgres_rows(s, json.loads(postgres_json.read_text()))),
+            (hooks, ["--json", str(webhooks_json)],
+             lambda s: webhook_rows(s, json.loads(webhooks_json.read_text()))),
         ]  # fmt: skip
         for section, extra, figures in benches:
             run(section, extra)
@@ -305,7 +384,7 @@ def main() -> None:
                 figures(section)
             except (OSError, ValueError, KeyError) as exc:
                 unparsed(section, f"figures ({type(exc).__name__}: {exc})")
-    sections = [smtp, rewrite, redirect]
+    sections = [smtp, rewrite, redirect, postgres, hooks]
     script = os.path.relpath(Path(sys.argv[0]).resolve(), HERE.parent)
     command = shlex.join(["python", script, *sys.argv[1:]])
     text = markdown(command, started, time.monotonic() - clock, about, sections)

@@ -268,6 +268,10 @@ async def test_the_repeat_rule_can_be_turned_off(web_settings):
 
 # ---------------------------------------------------------------- SQLite files
 
+sqlite_files = pytest.mark.skipif(
+    pg.BACKEND != "sqlite", reason="SQLite file specifics (file modes of the database and WAL)"
+)
+
 
 def modes(database: Path) -> dict[str, int]:
     return {
@@ -276,6 +280,7 @@ def modes(database: Path) -> dict[str, int]:
     }
 
 
+@sqlite_files
 @pytest.mark.parametrize("umask", [0o022, 0o000])
 async def test_database_files_are_private_whatever_the_umask(tmp_path, umask):
     database = tmp_path / "data" / "clickrelay.sqlite3"
@@ -291,6 +296,7 @@ async def test_database_files_are_private_whatever_the_umask(tmp_path, umask):
                      "clickrelay.sqlite3-shm": 0o600}  # fmt: skip
 
 
+@sqlite_files
 async def test_existing_database_files_are_made_private(tmp_path):
     database = tmp_path / "clickrelay.sqlite3"
     old = os.umask(0o022)

@@ -14,6 +14,12 @@ from clickrelay.storage.base import NewSend, StoreError
 from clickrelay.storage.sqlite import MIGRATIONS
 from clickrelay.storage.sqlite import open_sqlite as open_store
 
+import pg
+
+pytestmark = pytest.mark.skipif(
+    pg.BACKEND != "sqlite", reason="SQLite file specifics (schema, WAL, two processes on one file)"
+)
+
 
 def send() -> NewSend:
     return NewSend("c1", None, "standard", "42", None, None, "tracked", ("https://a.example/",))
