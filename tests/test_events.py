@@ -72,6 +72,31 @@ def test_retries_back_off_exponentially_with_jitter_and_a_ceiling():
         assert ceiling / 2 <= min(delays) < max(delays) <= ceiling
 
 
+def spin(seconds: float) -> None:
+    """Keep this process's CPU busy for that long (the node saturated)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_deliveries_give_way_only_when_redirects_saturate_the_node():
+    clicks = 0
+    load = webhooks.NodeLoad(lambda: clicks)
+    window = webhooks.LOAD_WINDOW_SECONDS
+
+    spin(window * 1.2)  # a backlog drained on an idle node: busy, but with itself
+    assert not load.busy()
+    clicks += 100
+    spin(window * 1.2)  # clicks at full CPU: the redirects come first
+    assert load.busy()
+    clicks += 1
+    spin(window / 4)  # judged over a window, not over the last instant
+    assert load.busy()
+    time.sleep(window * 1.2)  # clicks, but the CPU mostly idle
+    clicks += 100
+    assert not load.busy()
+
+
 # ---------------------------------------------------------------- a real receiver
 
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from clickrelay import secretfile
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.events import signing
-from clickrelay.events.webhooks import Webhooks
+from clickrelay.events.webhooks import NodeLoad, Webhooks
 from clickrelay.limits import LogThrottle
 from clickrelay.retention import Retention
 from clickrelay.smtp.pipeline import MessagePipeline
@@ -129,13 +129,13 @@ async def running(
             store = await _open_store(settings, stack)
         node = Node(settings, store, _signer(settings, store))
         if parts.web:
+            node.web = await _start_web(node, stack)
             if settings.webhooks:
-                node.webhooks = await _start_webhooks(node, stack)
+                node.webhooks = await _start_webhooks(node, node.web.recorder, stack)
             if settings.privacy.retention_days:
                 node.retention = Retention(node.store, settings.privacy.retention_days)
                 node.retention.start()
                 stack.push_async_callback(node.retention.close)
-            node.web = await _start_web(node, stack)
         if parts.smtp:
             node.relay = await _start_smtp(node, stack)
         yield node
@@ -175,15 +175,18 @@ def _signer(settings: Settings, store: Store) -> Signer:
     return Signer(secret, store.instance_id)
 
 
-async def _start_webhooks(node: Node, stack: contextlib.AsyncExitStack) -> Webhooks:
-    """The web nodes deliver webhooks (each event from one node at a time)."""
+async def _start_webhooks(
+    node: Node, recorder: ClickRecorder, stack: contextlib.AsyncExitStack
+) -> Webhooks:
+    """The web nodes deliver webhooks (each event from one node at a time), giving way to
+    the redirects when the node is saturated with them."""
     keys = {}
     for n, endpoint in enumerate(node.settings.webhooks):
         try:
             keys[endpoint.url] = signing.load_key(endpoint.secret_file)
         except (OSError, ValueError) as exc:
             raise StartupError(f"webhooks[{n}].secret_file", str(exc)) from None
-    webhooks = Webhooks(node.store, node.settings, keys)
+    webhooks = Webhooks(node.store, node.settings, keys, NodeLoad(lambda: recorder.received))
     await webhooks.start()
     stack.push_async_callback(webhooks.close)
     return webhooks

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,7 +31,8 @@ POLL_SECONDS = 1.0  # how soon a new event (or a retry come due) goes out, at mo
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 6 * 3600.0
 LEASE_MARGIN_SECONDS = 5.0  # beyond the request timeout, before another node may take over
-BUSY_SECONDS = 0.002  # a turn of the loop that long means it has more to do than it can
+BUSY_CPU_SHARE = 0.8  # of one CPU, by the node's process: near what its one event loop can do
+LOAD_WINDOW_SECONDS = 0.25  # the node's load is judged over at least this long
 CLOSE_SECONDS = 5.0  # how long a stopping node lets requests in flight finish
 
 
@@ -48,16 +50,41 @@ def shown(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/..."
 
 
+class NodeLoad:
+    """Whether the node is saturated with redirects: over the last window its process used
+    most of a CPU (what its one event loop can do) while clicks kept coming in.
+
+    Clicks matter, not CPU alone: a backlog drained on an idle node may use the whole CPU for
+    itself and should. A turn of the loop is no measure: under a load of many connections each
+    turn stays short while the loop never rests.
+    """
+
+    def __init__(self, clicks: Callable[[], int]) -> None:
+        self.clicks = clicks
+        self._at, self._cpu, self._seen = time.monotonic(), time.process_time(), clicks()
+        self._busy = False
+
+    def busy(self) -> bool:
+        now = time.monotonic()
+        if now - self._at >= LOAD_WINDOW_SECONDS:
+            cpu, seen = time.process_time(), self.clicks()
+            share = (cpu - self._cpu) / (now - self._at)
+            self._busy = share > BUSY_CPU_SHARE and seen > self._seen
+            self._at, self._cpu, self._seen = now, cpu, seen
+        return self._busy
+
+
 class EndpointSender:
     def __init__(
         self, store: Store, endpoint: WebhookSettings, key: bytes,
-        session: aiohttp.ClientSession, settle_seconds: float,
+        session: aiohttp.ClientSession, settle_seconds: float, load: NodeLoad,
     ) -> None:  # fmt: skip
         self.store = store
         self.endpoint = endpoint
         self.key = key
         self.session = session
         self.settle_seconds = settle_seconds
+        self.load = load
         self._in_flight: set[asyncio.Task[None]] = set()
         self._storage_down = False
 
@@ -73,14 +100,11 @@ class EndpointSender:
             if not deliveries or len(self._in_flight) >= self.endpoint.max_concurrency:
                 await self._pause()
 
-    @staticmethod
-    async def _give_way() -> None:
-        """Wait while the event loop is saturated (a turn of it takes over BUSY_SECONDS): the
-        redirects and SMTP answers on it come first; the events wait in order and go out once
-        the load eases (at least `max_concurrency` of them a poll interval meanwhile)."""
-        started = time.monotonic()
-        await asyncio.sleep(0)
-        if time.monotonic() - started > BUSY_SECONDS:
+    async def _give_way(self) -> None:
+        """Wait while the node is saturated with redirects: they come first; the events wait
+        in order and go out once the load eases (`max_concurrency` of them a poll interval
+        meanwhile)."""
+        if self.load.busy():
             await asyncio.sleep(POLL_SECONDS)
 
     async def _pause(self) -> None:
@@ -160,10 +184,13 @@ class EndpointSender:
 class Webhooks:
     """Every configured endpoint's sender, with one HTTP client between them."""
 
-    def __init__(self, store: Store, settings: Settings, keys: dict[str, bytes]) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, keys: dict[str, bytes], load: NodeLoad
+    ) -> None:
         self.store = store
         self.settings = settings
         self.keys = keys
+        self.load = load
         self._session: aiohttp.ClientSession | None = None
         self._senders: list[EndpointSender] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -177,7 +204,7 @@ class Webhooks:
         settle = self.settings.bots.settle_seconds
         for endpoint in endpoints:
             sender = EndpointSender(
-                self.store, endpoint, self.keys[endpoint.url], self._session, settle
+                self.store, endpoint, self.keys[endpoint.url], self._session, settle, self.load
             )
             self._senders.append(sender)
             self._tasks.append(asyncio.create_task(sender.run()))

@@ -34,12 +34,14 @@ class ClickRecorder:
         self._flusher: asyncio.Task[None] | None = None
         self.storage_down = False
         self.lost = 0
+        self.received = 0  # clicks handed in since start: how busy the node is with redirects
 
     async def record(self, click: NewClick, burst_since: float | None = None) -> bool:
         """Store a click: True once committed, False if storage is down (held for retry).
 
         `burst_since`: also re-mark this send's human clicks since then as `burst` clicks.
         """
+        self.received += 1
         if self.storage_down:
             self._hold([(click, burst_since)])
             self._start_flusher()
