@@ -87,7 +87,8 @@ async def seed(storage, secret: Path, sends: int, links: int) -> list[str]:
     tokens = []
     for i in range(sends):
         recorded = await store.record_send(NewSend(
-            "bench", "Bench", "standard", f"contact-{i}", None, None, "tracked", urls,
+            "bench", "Bench", "standard", f"contact-{i}", None, None, "tracked",
+            [(url, None) for url in urls],
             sent_at=time.time() - 86400,
         ))  # fmt: skip
         tokens += [

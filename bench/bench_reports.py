@@ -82,7 +82,7 @@ async def record_sends(store: SQLiteStore, sends: int) -> tuple[list[tuple[int, 
     for i in range(sends):
         recorded = await store.record_send(NewSend(
             CAMPAIGN, "Spring sale", "standard", f"contact-{i:06}", f"user{i}@example.com",
-            f"<{i}@bench.example.com>", "tracked", URLS, UNTRACKED,
+            f"<{i}@bench.example.com>", "tracked", [(url, None) for url in URLS], UNTRACKED,
             sent_at=first + 3600.0 * i / sends,
         ))  # fmt: skip
         sent.append((recorded.send_id, recorded.sent_at))

@@ -57,7 +57,7 @@ def campaign_message(html: bytes) -> bytes:
 def rewrite_message(raw: bytes) -> bytes:
     plan = rewrite.plan(raw, mime.parse(raw), RULES)
     assert plan is not None
-    return plan.apply(dict.fromkeys(plan.tracked_urls, TRACKING))
+    return plan.apply(dict.fromkeys(plan.tracked_links, TRACKING))
 
 
 def timed(func: Callable[[], object], seconds: float) -> float:
@@ -96,7 +96,7 @@ def stages(html: bytes, seconds: float) -> dict[str, float]:
     assert plan is not None
     texts = [part.decoded.text for part in plan.parts]
     found = [link for text in texts for link in links.find_links(text)]
-    tracking = dict.fromkeys(plan.tracked_urls, TRACKING)
+    tracking = dict.fromkeys(plan.tracked_links, TRACKING)
 
     def parse_and_decode() -> None:
         root = mime.parse(raw)

@@ -129,7 +129,8 @@ async def backlog(database: Path, secret: Path, events: int) -> None:
     store = await open_store(StorageSettings(database=database))
     try:
         recorded = await store.record_send(NewSend(
-            "backlog", None, "standard", "c", None, None, "tracked", ("https://x.example/",),
+            "backlog", None, "standard", "c", None, None, "tracked",
+            (("https://x.example/", None),),
             sent_at=time.time() - 3600,
         ))  # fmt: skip
         (link,) = recorded.link_ids.values()

@@ -75,6 +75,11 @@ OPT_OUT_ATTRIBUTE = st.sampled_from(
         "data-pm-no-track",
         "ses:no-track",
         'mc:disable-tracking=""',
+        "data-no-track",
+        'data-skip-click="1"',
+        "mautic:disable-tracking",
+        'data-mautic-disable-tracking=""',
+        "mb_dontconvertlink",
     ]
 )
 

@@ -458,7 +458,8 @@ class RunningWeb:
         self, campaign="c1", contact="42", urls=("https://example.com/a",),
         sent_at: float | None = None, **fields,
     ) -> tuple[int, dict[str, int]]:  # fmt: skip
-        """Record a tracked send (as the relay would); its id and its link ids by URL."""
+        """Record a tracked send (as the relay would) of unlabelled links; its id and its link
+        ids by URL."""
         import time
 
         from clickrelay.storage.sqlite import NewSend
@@ -467,10 +468,11 @@ class RunningWeb:
         recorded = await self.store.record_send(NewSend(
             campaign_key=campaign, campaign_name=fields.get("name"), campaign_type="standard",
             contact_id=contact, email=fields.get("email"), message_id=None, decision="tracked",
-            tracked_urls=urls, untracked=fields.get("untracked", {}), sent_at=sent_at,
+            tracked_links=[(url, None) for url in urls], untracked=fields.get("untracked", {}),
+            sent_at=sent_at,
         ))  # fmt: skip
         self.sent[recorded.send_id] = sent_at
-        return recorded.send_id, dict(recorded.link_ids)
+        return recorded.send_id, {url: id_ for (url, _), id_ in recorded.link_ids.items()}
 
     def token(self, send_id: int, link_id: int) -> str:
         return self.signer.sign(send_id, link_id, self.sent.get(send_id, 0.0))

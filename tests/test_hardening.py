@@ -287,7 +287,9 @@ async def test_database_files_are_private_whatever_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         store = await open_sqlite(database)
-        await store.record_send(NewSend("c1", None, "standard", "42", None, None, "tracked", (A,)))
+        await store.record_send(
+            NewSend("c1", None, "standard", "42", None, None, "tracked", ((A, None),))
+        )
         found = modes(database)  # while open: WAL and shared-memory files exist
         await store.close()
     finally:

@@ -46,7 +46,7 @@ def test_new_hrefs_keep_every_link_where_it_was(html):
 def test_splice_changes_only_href_values_and_opt_out_attributes(html):
     links = find_links(html)
     out = splice(html, [(link, None) for link in links])
-    removed = sorted(span for link in links for span in link.opt_out)
+    removed = sorted(span for link in links for span in link.removed)
     kept, pos = [], 0
     for start, end in removed:
         kept.append(html[pos:start])
@@ -113,6 +113,11 @@ def test_splice_inside_an_mso_conditional_comment():
         "data-pm-no-track",
         "ses:no-track",
         'mc:disable-tracking="1"',
+        "data-no-track",
+        'data-skip-click="true"',
+        'mautic:disable-tracking=""',
+        "data-mautic-disable-tracking",
+        "MB_DONTCONVERTLINK",
     ],
 )
 def test_opt_out_attributes_are_reported_and_removed_on_output(attribute):
@@ -128,7 +133,8 @@ def test_opt_out_attributes_are_reported_and_removed_on_output(attribute):
 def test_attributes_that_do_not_opt_out_stay(attribute):
     html = f'<a {attribute} href="https://example.com/">Shop</a>'
     link = only_link(html)
-    assert link.opt_out == ()
+    assert link.removed == ()
+    assert not link.opts_out
     assert classify(link, RULES) is None
     assert splice(html, [(link, None)]) == html
 
@@ -253,3 +259,33 @@ def test_the_first_reason_that_applies_wins():
 def test_public_url_with_a_trailing_slash_still_recognises_tracking_links():
     rules = LinkRules(public_url="https://click.example.com/")
     assert reason("https://click.example.com/c/x", rules=rules) == "already_tracked"
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attribute", "label"),
+    [
+        ('data-label="hero"', "hero"),
+        ("DATA-LABEL=' footer \n  cta '", "footer cta"),
+        ('data-label="Caf&eacute;"', "Café"),
+        ('data-label=""', None),
+        ("data-label", None),
+        ('data-label="' + "x" * 300 + '"', "x" * 200),
+    ],
+)
+def test_a_label_names_the_link_and_is_removed_on_output(attribute, label):
+    html = f'<a class="b" {attribute} href="https://example.com/">Shop</a>'
+    link = only_link(html)
+    assert link.label == label and not link.opts_out
+    assert classify(link, RULES) is None
+    out = splice(html, [(link, "https://t.example/c/X")])
+    assert out == '<a class="b" href="https://t.example/c/X">Shop</a>'
+
+
+def test_a_label_goes_from_links_left_alone_too():
+    html = '<a data-label="mail" href="mailto:a@example.com" data-notrack>x</a>'
+    link = only_link(html)
+    assert (link.label, link.opts_out, classify(link, RULES)) == ("mail", True, "opt_out")
+    assert splice(html, [(link, None)]) == '<a href="mailto:a@example.com">x</a>'

@@ -569,13 +569,13 @@ async def seed(settings: config.Settings) -> list[Tracked]:
         tracked = []
         for n in range(SENDS):
             send = NewSend("kill-9", None, "standard", f"contact-{n}", None, None, "tracked",
-                           urls, sent_at=time.time() - 3600)  # fmt: skip
+                           [(url, None) for url in urls], sent_at=time.time() - 3600)  # fmt: skip
             recorded = await store.record_send(send)
             tracked += [
                 Tracked(
                     recorded.send_id, link, signer.sign(recorded.send_id, link, send.sent_at), url
                 )
-                for url, link in recorded.link_ids.items()
+                for (url, _), link in recorded.link_ids.items()
             ]
     finally:
         await store.close()

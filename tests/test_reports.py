@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -228,3 +229,30 @@ async def test_unknown_campaign_and_link_are_404(web_settings):
         wrong_link = await web.get("/api/campaigns/nope/links/" + str(links["a"]),
                                    headers=basic_auth())  # fmt: skip
     assert (missing.status, wrong_link.status) == (404, 404)
+
+
+async def test_labels_show_in_the_api_csv_and_pages(web_settings):
+    from clickrelay.storage.base import NewSend
+
+    async with start_web(web_settings) as web:
+        recorded = await web.store.record_send(NewSend(
+            "c1", "Spring", "standard", "42", None, None, "tracked",
+            ((A, "hero"), (A, None), (A, "<b>footer</b>")), sent_at=time.time() - 3600,
+        ))  # fmt: skip
+        web.sent[recorded.send_id] = recorded.sent_at
+        hero = recorded.link_ids[A, "hero"]
+        assert (await web.click(recorded.send_id, hero)).status == 302
+        report = await web.api("/api/campaigns/c1")
+        contacts = await web.api(f"/api/campaigns/c1/links/{hero}")
+        async with web.session.get(
+            web.base + "/reports/campaigns/c1/export.csv", headers=basic_auth()
+        ) as response:
+            exported = list(csv.DictReader(io.StringIO(await response.text())))
+        page = await web.get("/reports/campaigns/c1", headers=basic_auth())
+        html = await page.text()
+    labels = [(link["label"], link["total_clicks"]) for link in report["links"]]
+    assert labels[0] == ("hero", 1)  # the others (no clicks) in either order
+    assert sorted(labels[1:], key=str) == [("<b>footer</b>", 0), (None, 0)]
+    assert contacts["label"] == "hero"
+    assert [row["label"] for row in exported] == [label or "" for label, _ in labels]
+    assert '<span class="tag">hero</span>' in html and "&lt;b&gt;footer&lt;/b&gt;" in html

@@ -321,3 +321,25 @@ async def test_html_attachment_is_untouched_while_the_body_is_rewritten(settings
     assert attached in forwarded
     assert b"https://body.example/" not in forwarded
     assert rows(settings, "SELECT url FROM links") == [("https://body.example/",)]
+
+
+async def test_labels_make_links_of_one_url_and_go_from_the_output(settings, upstream):
+    html = (
+        '<a href="https://x.example/a" data-label="hero">1</a>\n'
+        '<a href="https://x.example/a" data-label=" footer  cta ">2</a>\n'
+        '<a href="https://x.example/a">3</a>\n'
+        '<a data-label="hero" href="https://x.example/a">4</a>\n'
+        '<a href="mailto:help@example.com" data-label="mail">5</a>\n'
+    )
+    async with start_relay(settings) as relay:
+        await send(relay.port, html_message(html))
+        (out,) = decoded_html(upstream.received[0].content)
+        tokens = re.findall(r"/c/([\w-]+)", out)
+        resolved = [await relay.resolve(TRACK + token) for token in tokens]
+    assert rows(settings, "SELECT url, label FROM links ORDER BY label") == [
+        ("https://x.example/a", ""), ("https://x.example/a", "footer cta"),
+        ("https://x.example/a", "hero"),
+    ]  # fmt: skip
+    assert "data-label" not in out and '<a href="mailto:help@example.com">5</a>' in out
+    assert len(tokens) == 4 and tokens[0] == tokens[3] and len(set(tokens)) == 3
+    assert resolved == ["https://x.example/a"] * 4

@@ -29,11 +29,15 @@ async def store(storage):
     await opened.close()
 
 
+def unlabelled(*urls: str) -> tuple[tuple[str, None], ...]:
+    return tuple((url, None) for url in urls)
+
+
 def send(**changes) -> NewSend:
     values = dict(
         campaign_key="c1", campaign_name="Spring", campaign_type="standard", contact_id="42",
         email="a@example.com", message_id="<m@x>", decision="tracked",
-        tracked_urls=("https://a.example/", "https://b.example/"),
+        tracked_links=unlabelled("https://a.example/", "https://b.example/"),
         untracked={("mailto:x@example.com", "scheme"): 1, ("#top", "anchor"): 2},
         sent_at=1_700_000_000.0,
     )  # fmt: skip
@@ -90,7 +94,7 @@ async def test_outcomes_and_decisions_are_counted(store):
 
 async def test_clicks_counted_exactly_strays_dropped_bursts_moved(store):
     recorded = await store.record_send(send())
-    link = recorded.link_ids["https://a.example/"]
+    link = recorded.link_ids["https://a.example/", None]
     other = await store.record_send(send(campaign_key="c2"))
     await store.add_clicks([click(recorded.send_id, link, 1_700_000_100.0 + i) for i in range(3)])
     strays = [click(999_999, link, 5.0), click(other.send_id, link, 6.0)]
@@ -112,7 +116,7 @@ async def test_counters_exact_with_two_writers_on_one_database(storage):
     try:
         sends = [await one.record_send(send(contact_id=str(n))) for n in range(20)]
         batches = [
-            [click(s.send_id, s.link_ids["https://b.example/"], 1_700_000_100.0 + k)
+            [click(s.send_id, s.link_ids["https://b.example/", None], 1_700_000_100.0 + k)
              for s in sends[n::4]]
             for n, k in zip(range(4), range(4), strict=True)
         ]  # fmt: skip
@@ -131,7 +135,7 @@ async def test_counters_exact_with_two_writers_on_one_database(storage):
 
 async def test_contacts_page_through_everyone_once(store):
     sends = [await store.record_send(send(contact_id=f"c{n}")) for n in range(7)]
-    link = sends[0].link_ids["https://a.example/"]
+    link = sends[0].link_ids["https://a.example/", None]
     await store.add_clicks([click(s.send_id, link, 1_700_000_100.0 + n % 3)
                             for n, s in enumerate(sends)])  # fmt: skip
     seen, after = [], None
@@ -151,8 +155,8 @@ async def test_contacts_page_through_everyone_once(store):
 
 async def test_long_urls_contact_ids_and_odd_text_are_stored(store):
     url = "https://a.example/?" + "q=1&" * 2000
-    recorded = await store.record_send(send(contact_id="x" * 5000, tracked_urls=(url,)))
-    link = recorded.link_ids[url]
+    recorded = await store.record_send(send(contact_id="x" * 5000, tracked_links=unlabelled(url)))
+    link = recorded.link_ids[url, None]
     odd = NewClick(recorded.send_id, link, 1_700_000_100.0, None, "bad\udcff\0ua", "GET", None)
     await store.add_clicks([odd])
     assert (await store.get_link(link)).url == url
@@ -177,11 +181,13 @@ async def test_a_send_keeps_its_link_ids_when_the_cache_evicts_them(storage, mon
     store = await open_store(storage)
     fixed = ("https://fixed.example/a", "https://fixed.example/b")
     try:
-        first = await store.record_send(send(tracked_urls=fixed))
+        first = await store.record_send(send(tracked_links=unlabelled(*fixed)))
         for i in range(4):  # each send adds one URL of its own
             urls = (*fixed, f"https://own.example/{i}")
-            recorded = await store.record_send(send(contact_id=str(i), tracked_urls=urls))
-            assert {url: recorded.link_ids[url] for url in fixed} == first.link_ids
+            recorded = await store.record_send(
+                send(contact_id=str(i), tracked_links=unlabelled(*urls))
+            )
+            assert {key: recorded.link_ids[key] for key in unlabelled(*fixed)} == first.link_ids
     finally:
         await store.close()
 
@@ -189,13 +195,14 @@ async def test_a_send_keeps_its_link_ids_when_the_cache_evicts_them(storage, mon
 # ---------------------------------------------------------------- events out
 
 LATER = 2e9  # an `until` after every test event: all settled
+A_URL = "https://a.example/"
 ENDPOINT = "https://crm.example/hook"
 
 
 async def test_events_are_clicks_and_accepted_tracked_sends_in_commit_order(store):
     tracked = await store.record_send(send(email="a@example.com"))
     untracked = await store.record_send(send(contact_id="43", decision="no_links"))
-    link = tracked.link_ids["https://b.example/"]
+    link = tracked.link_ids["https://b.example/", None]
     await store.set_send_outcome(untracked.send_id, "accepted")  # not tracked: no event
     now = time.time()
     await store.add_clicks([click(tracked.send_id, link, now - 10),
@@ -224,7 +231,7 @@ async def test_the_feed_sees_every_event_once_with_two_writers(storage):
     one, two = await open_store(storage), await open_store(storage)
     try:
         recorded = await one.record_send(send())
-        link = recorded.link_ids["https://a.example/"]
+        link = recorded.link_ids["https://a.example/", None]
         seen: list[str] = []
         after = None
 
@@ -250,7 +257,7 @@ async def test_deliveries_are_leased_to_one_node_and_claimed_again_when_it_dies(
     try:
         assert await one.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER) == []
         recorded = await one.record_send(send())
-        link = recorded.link_ids["https://a.example/"]
+        link = recorded.link_ids["https://a.example/", None]
         await one.add_clicks([click(recorded.send_id, link, 1_700_000_100.0 + n)
                               for n in range(6)])  # fmt: skip
         claims = await asyncio.gather(
@@ -284,7 +291,7 @@ async def test_delivery_outcomes_are_counted_per_endpoint(store):
     recorded = await store.record_send(send())
     await store.set_send_outcome(recorded.send_id, "accepted")
     assert await store.claim_deliveries(ENDPOINT, ("click", "send"), 10, 60, LATER) == []
-    link = recorded.link_ids["https://a.example/"]
+    link = recorded.link_ids["https://a.example/", None]
     await store.add_clicks([click(recorded.send_id, link, 1_700_000_100.0 + n, bot=bot)
                             for n, bot in enumerate([None, None, "head", None])])  # fmt: skip
     claimed = await store.claim_deliveries(ENDPOINT, ("click",), 10, 60, LATER)
@@ -319,7 +326,7 @@ async def test_postgresql_feed_waits_for_a_transaction_that_took_an_earlier_id(t
     con = await asyncpg.connect(storage.url.url)
     try:
         recorded = await store.record_send(send())
-        link = recorded.link_ids["https://a.example/"]
+        link = recorded.link_ids["https://a.example/", None]
         slow = con.transaction()
         await slow.start()
         await con.execute("UPDATE sends SET outcome = 'accepted' WHERE id = $1", recorded.send_id)
@@ -358,12 +365,12 @@ async def test_erasure_removes_the_contact_everywhere_and_keeps_every_count(stor
     b = await store.record_send(send(contact_id="43", email="b@example.com"))
     for recorded in (a1, a2, other_campaign, b):
         await store.set_send_outcome(recorded.send_id, "accepted")
-    link_a, link_b = (a1.link_ids[u] for u in ("https://a.example/", "https://b.example/"))
+    link_a, link_b = (a1.link_ids[u, None] for u in ("https://a.example/", "https://b.example/"))
     await store.claim_deliveries(ENDPOINT, ("click", "send"), 0, 60, LATER)  # subscribed now
     await store.add_clicks([
         click(a1.send_id, link_a, now - 50), click(a2.send_id, link_b, now - 40),
         click(b.send_id, link_a, now - 30), click(a1.send_id, link_b, now - 20, bot="head"),
-        click(other_campaign.send_id, other_campaign.link_ids["https://a.example/"], now - 10),
+        click(other_campaign.send_id, other_campaign.link_ids[A_URL, None], now - 10),
     ])  # fmt: skip
     before = figures(await store.campaign_report("c1"))  # (counted: the roll-up caught up)
     await store.add_clicks([click(a1.send_id, link_a, now - 5)])  # not counted yet
@@ -408,7 +415,7 @@ async def test_a_send_without_consent_counts_as_its_own_clicker_without_identity
     again = await store.record_send(
         send(contact_id=None, email=None, message_id=None, anonymous=True)
     )
-    link = anonymous.link_ids["https://a.example/"]
+    link = anonymous.link_ids["https://a.example/", None]
     await store.add_clicks([click(anonymous.send_id, link, time.time() - 9),
                             click(again.send_id, link, time.time() - 8)])  # fmt: skip
     report = await store.campaign_report("c1")
@@ -424,7 +431,7 @@ async def test_retention_prunes_old_clicks_and_identities_in_bounded_steps(store
     old = [await store.record_send(send(contact_id=f"old{n}", sent_at=now - 100 * day))
            for n in range(3)]  # fmt: skip
     recent = await store.record_send(send(contact_id="new", sent_at=now - day))
-    link = recent.link_ids["https://a.example/"]
+    link = recent.link_ids["https://a.example/", None]
     await store.add_clicks([click(s.send_id, link, now - 99 * day) for s in old]
                            + [click(old[0].send_id, link, now - 2 * day),
                               click(recent.send_id, link, now - day / 2)])  # fmt: skip
@@ -469,7 +476,7 @@ async def test_audiences_of_who_clicked_and_who_did_not_page_through_everyone_on
         )
     anonymous = await store.record_send(send(contact_id=None, anonymous=True))
     link_a, link_b = (
-        sent["a"][0].link_ids[u] for u in ("https://a.example/", "https://b.example/")
+        sent["a"][0].link_ids[u, None] for u in ("https://a.example/", "https://b.example/")
     )
     await store.add_clicks([
         click(sent["a"][0].send_id, link_a, 1_700_000_100.0),
@@ -490,3 +497,21 @@ async def test_audiences_of_who_clicked_and_who_did_not_page_through_everyone_on
         await store.audience("c1", False, first.next_cursor)
     with pytest.raises(CursorError):
         await store.audience("c1", True, "bm90LWEtY3Vyc29y")
+
+
+async def test_a_link_is_its_url_and_its_label(store):
+    keys = ((A_URL, "hero"), (A_URL, "footer"), (A_URL, None))
+    first = await store.record_send(send(tracked_links=keys))
+    again = await store.record_send(send(contact_id="43", tracked_links=keys[::-1]))
+    assert len(set(first.link_ids.values())) == 3
+    assert again.link_ids == first.link_ids  # the same three links, known by (URL, label)
+    hero = first.link_ids[A_URL, "hero"]
+    await store.add_clicks([click(first.send_id, hero, 1_700_000_100.0)])
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert sorted((link.url, link.label or "", link.total_clicks) for link in report.links) == [
+        (A_URL, "", 0), (A_URL, "footer", 0), (A_URL, "hero", 1),
+    ]  # fmt: skip
+    page = await store.events(None, 10, LATER)
+    (clicked,) = [event for event in page.events if event.type == "click"]
+    assert (clicked.url, clicked.label, clicked.link_id) == (A_URL, "hero", hero)

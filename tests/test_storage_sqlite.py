@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import sqlite3
+import time
 import warnings
+from dataclasses import replace
 
 import pytest
 
-from clickrelay.storage.base import NewSend, StoreError
+from clickrelay.storage.base import NewClick, NewSend, StoreError
 from clickrelay.storage.sqlite import MIGRATIONS
 from clickrelay.storage.sqlite import open_sqlite as open_store
 
@@ -22,7 +24,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def send() -> NewSend:
-    return NewSend("c1", None, "standard", "42", None, None, "tracked", ("https://a.example/",))
+    return NewSend(
+        "c1", None, "standard", "42", None, None, "tracked", (("https://a.example/", None),)
+    )
 
 
 async def test_schema_is_versioned_and_instance_id_is_stable(tmp_path):
@@ -36,6 +40,38 @@ async def test_schema_is_versioned_and_instance_id_is_stable(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_links_and_clicks_of_schema_3_keep_their_ids_under_labels(tmp_path):
+    """Migration 4 makes the links table anew: a database of before keeps every link id, and
+    their clicks still count."""
+    path = tmp_path / "clickrelay.sqlite3"
+    store = await open_store(path)
+    recorded = await store.record_send(send())
+    await store.close()
+    with sqlite3.connect(path) as db:  # back to schema 3, as an older clickrelay left it
+        db.executescript(
+            "DROP TABLE links; CREATE TABLE links (id INTEGER PRIMARY KEY,"
+            " campaign_id INTEGER NOT NULL REFERENCES campaigns(id), url TEXT NOT NULL,"
+            " UNIQUE (campaign_id, url));"
+            "INSERT INTO links VALUES (7, 1, 'https://a.example/'); PRAGMA user_version = 3;"
+        )
+    store = await open_store(path)
+    try:
+        again = await store.record_send(send())
+        labelled = await store.record_send(
+            replace(send(), tracked_links=[("https://a.example/", "x")])
+        )
+        await store.add_clicks([NewClick(again.send_id, 7, time.time(), None, None, "GET", None)])
+        report = await store.campaign_report("c1")
+    finally:
+        await store.close()
+    assert recorded.link_ids != again.link_ids == {("https://a.example/", None): 7}
+    assert labelled.link_ids["https://a.example/", "x"] != 7
+    assert report is not None
+    assert sorted((link.link_id == 7, link.label, link.total_clicks) for link in report.links) == [
+        (False, "x", 0), (True, None, 1),
+    ]  # fmt: skip
 
 
 async def test_two_processes_sharing_the_file_agree_on_link_ids(tmp_path):

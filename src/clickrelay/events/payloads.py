@@ -19,7 +19,7 @@ def data_of(event: Event) -> dict[str, Any]:
     return {
         "campaign_id": event.campaign_id, "campaign_name": event.campaign_name,
         "variant": None, "contact_id": event.contact_id, "email": event.email,
-        "link_id": event.link_id, "url": event.url, "label": None,
+        "link_id": event.link_id, "url": event.url, "label": event.label,
         "clicked_at": iso(event.at), "bot": event.bot_reason is not None,
         "bot_reason": event.bot_reason,
     }  # fmt: skip

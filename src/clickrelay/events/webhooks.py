@@ -59,15 +59,18 @@ class NodeLoad:
     turn stays short while the loop never rests.
     """
 
-    def __init__(self, clicks: Callable[[], int]) -> None:
-        self.clicks = clicks
-        self._at, self._cpu, self._seen = time.monotonic(), time.process_time(), clicks()
+    def __init__(
+        self, clicks: Callable[[], int], clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.process_time,
+    ) -> None:  # fmt: skip
+        self.clicks, self.clock, self.cpu = clicks, clock, cpu
+        self._at, self._cpu, self._seen = clock(), cpu(), clicks()
         self._busy = False
 
     def busy(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._at >= LOAD_WINDOW_SECONDS:
-            cpu, seen = time.process_time(), self.clicks()
+            cpu, seen = self.cpu(), self.clicks()
             share = (cpu - self._cpu) / (now - self._at)
             self._busy = share > BUSY_CPU_SHARE and seen > self._seen
             self._at, self._cpu, self._seen = now, cpu, seen

@@ -177,7 +177,8 @@ def campaign_json(summary: CampaignSummary) -> dict[str, Any]:
 def link_json(link: LinkSummary, report: CampaignReport) -> dict[str, Any]:
     total, sends = report.summary.total_clicks, report.summary.tracked_sends
     return {
-        "link_id": link.link_id, "url": link.url, "total_clicks": link.total_clicks,
+        "link_id": link.link_id, "url": link.url, "label": link.label,
+        "total_clicks": link.total_clicks,
         "unique_clicks": link.unique_clicks, "bot_clicks": link.bot_clicks,
         "share": round(link.total_clicks / total, 4) if total else 0.0,
         "click_rate": round(link.unique_clicks / sends, 4) if sends else 0.0,
@@ -216,6 +217,7 @@ def contacts_json(page: ContactPage) -> dict[str, Any]:
     return {
         "link_id": page.link.link_id,
         "url": page.link.url,
+        "label": page.link.label,
         "contacts": [contact_json(c) for c in page.contacts],
         "next": page.next_cursor,
     }
@@ -605,8 +607,8 @@ class Reports:
     async def links_csv(self, request: web.Request) -> web.Response:
         report = await self._report(request)
         links, _, _ = self._links(request, report)
-        header = ["link_id", "url", "total_clicks", "unique_clicks", "bot_clicks", "share",
-                  "click_rate"]  # fmt: skip
+        header = ["link_id", "url", "label", "total_clicks", "unique_clicks", "bot_clicks",
+                  "share", "click_rate"]  # fmt: skip
         rows = [[link[key] for key in header] for link in links]
         return csv_response(f"{report.summary.campaign_id}-links.csv", header, rows)
 

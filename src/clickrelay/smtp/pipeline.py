@@ -174,14 +174,14 @@ class MessagePipeline:
             if not plan.parts:
                 prepared.decision = "error"
                 return None
-        urls, untracked = plan.tracked_urls, plan.untracked
-        prepared.tracked, prepared.skipped = len(urls), sum(untracked.values())
-        recorded = await self.store.record_send(self._send(prepared, urls, untracked))
+        keys, untracked = plan.tracked_links, plan.untracked
+        prepared.tracked, prepared.skipped = len(keys), sum(untracked.values())
+        recorded = await self.store.record_send(self._send(prepared, keys, untracked))
         prepared.send_id = recorded.send_id
         sign, base = self.signer.sign, self.rules.tracking_prefix
         tracking = {
-            url: base + sign(recorded.send_id, link_id, recorded.sent_at)
-            for url, link_id in recorded.link_ids.items()
+            key: base + sign(recorded.send_id, link_id, recorded.sent_at)
+            for key, link_id in recorded.link_ids.items()
         }
         try:
             return await cpu.run(len(original), plan.apply, tracking, control_spans)
@@ -199,7 +199,7 @@ class MessagePipeline:
             return
         prepared.send_id = recorded.send_id
 
-    def _send(self, prepared: Prepared, urls, untracked) -> NewSend:
+    def _send(self, prepared: Prepared, links, untracked) -> NewSend:
         control = prepared.control
         anonymous = not control.track_contact
         assert control.campaign_id is not None
@@ -211,7 +211,7 @@ class MessagePipeline:
             email=control.contact_email,
             message_id=None if prepared.message_id == "-" or anonymous else prepared.message_id,
             decision=prepared.decision,
-            tracked_urls=urls,
+            tracked_links=links,
             untracked=untracked,
             anonymous=anonymous,
         )

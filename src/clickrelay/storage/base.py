@@ -32,6 +32,7 @@ __all__ = [
     "Event",
     "EventPage",
     "KnownLinks",
+    "LinkKey",
     "LinkSummary",
     "LinkTarget",
     "NewClick",
@@ -63,6 +64,9 @@ CAMPAIGN_SORTS = frozenset({
 })  # fmt: skip
 
 
+LinkKey = tuple[str, str | None]  # (URL, label): what a link is in its campaign
+
+
 @dataclass(frozen=True)
 class NewSend:
     campaign_key: str
@@ -72,7 +76,7 @@ class NewSend:
     email: str | None
     message_id: str | None
     decision: str  # "tracked" or the reason it was not rewritten
-    tracked_urls: Sequence[str] = ()
+    tracked_links: Sequence[LinkKey] = ()
     untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
     sent_at: float = field(default_factory=time.time)
     anonymous: bool = False  # consent withheld: no identity, and no IP or user agent per click
@@ -82,7 +86,7 @@ class NewSend:
 class RecordedSend:
     send_id: int
     sent_at: float
-    link_ids: Mapping[str, int]
+    link_ids: Mapping[LinkKey, int]
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class CampaignSummary:
 class LinkSummary:
     link_id: int
     url: str
+    label: str | None
     total_clicks: int
     unique_clicks: int
     bot_clicks: int
@@ -181,6 +186,7 @@ class Event:
     sent_at: float
     link_id: int | None = None  # clicks only, like the rest
     url: str | None = None
+    label: str | None = None
     bot_reason: str | None = None
 
 
@@ -312,30 +318,32 @@ class Store(Protocol):
 
 
 class KnownLinks:
-    """Link ids by (campaign, URL), most recently used kept: a send of a known campaign needs
-    no link lookup. Only committed rows may be remembered."""
+    """Link ids by (campaign, URL, label), most recently used kept: a send of a known campaign
+    needs no link lookup. Only committed rows may be remembered."""
 
     def __init__(self, size: int | None = None) -> None:
-        self._ids: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._ids: OrderedDict[tuple[int, LinkKey], int] = OrderedDict()
         self._size = LINK_CACHE_SIZE if size is None else size
 
-    def split(self, campaign_id: int, urls: Sequence[str]) -> tuple[dict[str, int], list[str]]:
-        """(the ids known now, the URLs to look up): read at once, as other sends may evict
+    def split(
+        self, campaign_id: int, keys: Sequence[LinkKey]
+    ) -> tuple[dict[LinkKey, int], list[LinkKey]]:
+        """(the ids known now, the links to look up): read at once, as other sends may evict
         them while this one waits for the database."""
-        known: dict[str, int] = {}
+        known: dict[LinkKey, int] = {}
         missing = []
-        for url in dict.fromkeys(urls):
-            link_id = self._ids.get((campaign_id, url))
+        for key in dict.fromkeys(keys):
+            link_id = self._ids.get((campaign_id, key))
             if link_id is None:
-                missing.append(url)
+                missing.append(key)
             else:
-                known[url] = link_id
-                self._ids.move_to_end((campaign_id, url))
+                known[key] = link_id
+                self._ids.move_to_end((campaign_id, key))
         return known, missing
 
-    def remember(self, campaign_id: int, ids: Mapping[str, int]) -> None:
-        for url, link_id in ids.items():
-            self._ids[(campaign_id, url)] = link_id  # a cached one keeps its place
+    def remember(self, campaign_id: int, ids: Mapping[LinkKey, int]) -> None:
+        for key, link_id in ids.items():
+            self._ids[(campaign_id, key)] = link_id  # a cached one keeps its place
             if len(self._ids) > self._size:
                 self._ids.popitem(last=False)
 
@@ -350,7 +358,9 @@ def summary_of(row: Mapping[str, Any]) -> CampaignSummary:
 
 
 def link_of(row: Mapping[str, Any]) -> LinkSummary:
-    return LinkSummary(row["id"], row["url"], row["total"], row["uniq"], row["bots"])
+    return LinkSummary(
+        row["id"], row["url"], row["label"] or None, row["total"], row["uniq"], row["bots"]
+    )
 
 
 def report_of(
@@ -392,7 +402,7 @@ EVENT_KINDS = f"""
     e.id, e.at, {_EVENT_TYPE} FROM events e LEFT JOIN clicks k ON k.id = e.click_id"""
 EVENT_COLUMNS = f"""
     e.id, e.at, {_EVENT_TYPE},
-    k.link_id, l.url, k.bot_reason, s.contact_id, s.email, s.message_id, s.sent_at,
+    k.link_id, l.url, l.label, k.bot_reason, s.contact_id, s.email, s.message_id, s.sent_at,
     c.campaign_key, c.name AS campaign_name
     FROM events e JOIN sends s ON s.id = e.send_id JOIN campaigns c ON c.id = s.campaign_id
     LEFT JOIN clicks k ON k.id = e.click_id LEFT JOIN links l ON l.id = k.link_id"""
@@ -412,7 +422,7 @@ def event_of(row: Mapping[str, Any], instance_id: str) -> Event:
         campaign_id=row["campaign_key"], campaign_name=row["campaign_name"],
         contact_id=row["contact_id"], email=row["email"], message_id=row["message_id"],
         sent_at=row["sent_at"], link_id=row["link_id"], url=row["url"],
-        bot_reason=row["bot_reason"],
+        label=row["label"] or None, bot_reason=row["bot_reason"],
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from clickrelay.storage.base import (
     Erased,
     EventPage,
     KnownLinks,
+    LinkKey,
     LinkTarget,
     NewClick,
     NewSend,
@@ -275,6 +276,11 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX clicks_by_age ON clicks (clicked_at)",
         "CREATE INDEX events_by_age ON events (at)",
     ],
+    [  # 4: link labels, as SQLite's: a link is (URL, label) in its campaign; '' is no label.
+        "ALTER TABLE links ADD COLUMN label text NOT NULL DEFAULT ''",
+        "ALTER TABLE links DROP CONSTRAINT links_campaign_id_url_hash_key",
+        "ALTER TABLE links ADD CONSTRAINT links_identity UNIQUE (campaign_id, url_hash, label)",
+    ],
 ]
 # Events whose transactions are over, with none older still running (see migration 2).
 _SETTLED_XACT = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -416,7 +422,7 @@ _SUMMARY = f"""
     FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id) summary"""  # noqa: S608
 
 _LINKS = """
-    SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,
+    SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
         coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots
     FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
 
@@ -544,7 +550,7 @@ class PostgresStore:
     async def record_send(self, send: NewSend) -> RecordedSend:
         async def work(con: asyncpg.Connection) -> tuple[int, int, dict[str, int]]:
             campaign_id = await self._campaign(con, send)
-            link_ids = await self._link_ids(con, campaign_id, send.tracked_urls)
+            link_ids = await self._link_ids(con, campaign_id, send.tracked_links)
             send_id = await con.fetchval(
                 "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
                 " sent_at, anonymous) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
@@ -582,26 +588,30 @@ class PostgresStore:
         )  # fmt: skip
 
     async def _link_ids(
-        self, con: asyncpg.Connection, campaign_id: int, urls: Sequence[str]
-    ) -> dict[str, int]:
-        """The id of each URL: from the cache, else from the links table, creating rows as needed
-        (in hash order, the same in every transaction; committed by the caller)."""
-        ids, missing = self._links.split(campaign_id, urls)
+        self, con: asyncpg.Connection, campaign_id: int, keys: Sequence[LinkKey]
+    ) -> dict[LinkKey, int]:
+        """The id of each link: from the cache, else from the links table, creating rows as
+        needed (in hash order, the same in every transaction; committed by the caller)."""
+        ids, missing = self._links.split(campaign_id, keys)
         if not missing:
             return ids
-        rows = sorted((url_hash(url), url) for url in missing)
-        hashes, texts = _columns(rows, 2)
+        rows = sorted(
+            ((url_hash(url), cleaned(label or ""), url, label) for url, label in missing),
+            key=lambda row: row[:3],
+        )
+        hashes, labels, texts, _ = _columns(rows, 4)
         await con.execute(
-            "INSERT INTO links (campaign_id, url_hash, url)"
-            " SELECT $1, * FROM unnest($2::bytea[], $3::text[]) ON CONFLICT DO NOTHING",
-            campaign_id, hashes, [cleaned(url) for url in texts],
+            "INSERT INTO links (campaign_id, url_hash, label, url)"
+            " SELECT $1, * FROM unnest($2::bytea[], $3::text[], $4::text[])"
+            " ON CONFLICT DO NOTHING",
+            campaign_id, hashes, labels, [cleaned(url) for url in texts],
         )  # fmt: skip
         found = await con.fetch(
-            "SELECT url_hash, id FROM links WHERE campaign_id = $1 AND url_hash = ANY($2)",
+            "SELECT url_hash, label, id FROM links WHERE campaign_id = $1 AND url_hash = ANY($2)",
             campaign_id, hashes,
         )  # fmt: skip
-        by_hash = {row["url_hash"]: row["id"] for row in found}
-        ids.update({url: by_hash[digest] for digest, url in rows})
+        by_identity = {(row["url_hash"], row["label"]): row["id"] for row in found}
+        ids.update({(url, label): by_identity[h, stored] for h, stored, url, label in rows})
         return ids
 
     async def set_send_decision(self, send_id: int, decision: str) -> None:

@@ -34,6 +34,7 @@ from clickrelay.storage.base import (
     Erased,
     EventPage,
     KnownLinks,
+    LinkKey,
     LinkTarget,
     NewClick,
     NewSend,
@@ -235,6 +236,19 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX sends_by_age ON sends (sent_at) WHERE NOT anonymous",
         "CREATE INDEX clicks_by_age ON clicks (clicked_at)",
         "CREATE INDEX events_by_age ON events (at)",
+    ],
+    [  # 4: link labels. A link is (URL, label) in its campaign; '' is no label. A UNIQUE
+        # constraint cannot be altered in SQLite: the table is made anew (nothing refers to
+        # it but by name; its ids stay).
+        """CREATE TABLE links_labelled (
+            id INTEGER PRIMARY KEY,
+            campaign_id INTEGER NOT NULL REFERENCES campaigns(id),
+            url TEXT NOT NULL,
+            label TEXT NOT NULL DEFAULT '',
+            UNIQUE (campaign_id, url, label))""",
+        "INSERT INTO links_labelled (id, campaign_id, url) SELECT id, campaign_id, url FROM links",
+        "DROP TABLE links",
+        "ALTER TABLE links_labelled RENAME TO links",
     ],
 ]
 # The key a send's clicks are counted under: its contact, or the send itself.
@@ -513,7 +527,7 @@ class SQLiteStore:
         try:
             async with self._transaction() as db:
                 campaign_id = await self._campaign(db, send)
-                link_ids = await self._link_ids(db, campaign_id, send.tracked_urls)
+                link_ids = await self._link_ids(db, campaign_id, send.tracked_links)
                 cursor = await db.execute(
                     "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
                     " sent_at, anonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -551,24 +565,28 @@ class SQLiteStore:
         )
 
     async def _link_ids(
-        self, db: aiosqlite.Connection, campaign_id: int, urls: Sequence[str]
-    ) -> dict[str, int]:
-        """The id of each URL: from the cache, else from the links table, creating rows as needed
-        (committed by the caller)."""
-        ids, missing = self._links.split(campaign_id, urls)
+        self, db: aiosqlite.Connection, campaign_id: int, keys: Sequence[LinkKey]
+    ) -> dict[LinkKey, int]:
+        """The id of each link: from the cache, else from the links table, creating rows as
+        needed (committed by the caller)."""
+        ids, missing = self._links.split(campaign_id, keys)
         if not missing:
             return ids
         await db.executemany(
-            "INSERT INTO links (campaign_id, url) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            [(campaign_id, url) for url in missing],
+            "INSERT INTO links (campaign_id, url, label) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            [(campaign_id, url, label or "") for url, label in missing],
         )
-        for chunk in _chunks(missing, 500):
+        wanted = set(missing)
+        for chunk in _chunks(list(dict.fromkeys(url for url, _ in missing)), 500):
             marks = ",".join("?" * len(chunk))
             async with db.execute(
-                f"SELECT url, id FROM links WHERE campaign_id = ? AND url IN ({marks})",  # noqa: S608
+                f"SELECT url, label, id FROM links WHERE campaign_id = ? AND url IN ({marks})",  # noqa: S608
                 (campaign_id, *chunk),
             ) as cursor:
-                ids.update({row["url"]: row["id"] for row in await cursor.fetchall()})
+                for row in await cursor.fetchall():
+                    key = (row["url"], row["label"] or None)
+                    if key in wanted:
+                        ids[key] = row["id"]
         return ids
 
     async def set_send_decision(self, send_id: int, decision: str) -> None:
@@ -658,7 +676,7 @@ class SQLiteStore:
         FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""  # noqa: S608
 
     _LINKS = """
-        SELECT l.id, l.url, coalesce(ls.human_clicks, 0) AS total,
+        SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
             coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots
         FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
 

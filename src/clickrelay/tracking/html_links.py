@@ -60,7 +60,9 @@ class Link(NamedTuple):
     tag: str  # lower-case element name: "a", "area", "v:roundrect", ...
     text: str  # visible text (alt for <area>), whitespace collapsed
     quote: str  # '"', "'" or "" (unquoted, or no value at all: <a href>, start == end)
-    opt_out: tuple[tuple[int, int], ...]  # what to delete to remove the opt-out attributes
+    opts_out: bool  # the element carries an opt-out attribute
+    label: str | None  # its data-label, whitespace collapsed (None: none, or empty)
+    removed: tuple[tuple[int, int], ...]  # what to delete to remove opt-out and label attributes
 
 
 def find_links(html: str) -> list[Link]:
@@ -318,10 +320,10 @@ def _link(html: str, pos: int, endpos: int, name: str, links: list[Link]) -> int
             text = ""
         else:  # "/>" closes nothing in HTML
             text = _link_text(html, tag.end, endpos, name)
-        opt_out = _opt_out_spans(html, tag, values)
         links.append(
             Link(href.value_start, href.value_end, clean_url(values["href"]), name,
-                 " ".join(text.split()), href.quote, opt_out)
+                 " ".join(text.split()), href.quote, _opts_out(values), _label(values),
+                 _removal_spans(html, tag, values))
         )  # fmt: skip
     return tag.end
 
@@ -358,35 +360,58 @@ def _has_href(html: str, start: int, end: int) -> bool:
     return _read_start_tag(html, start, end).first("href") is not None
 
 
-# --- opt-out attributes ---------------------------------------------------------------------------
+# --- attributes for clickrelay alone: opt-out, label ---------------------------------------------
 
 # Opt-out attributes: name -> the value that opts out (None: any value), compared lower-case.
+# Besides clickrelay's own, the ones other senders' templates already carry, read as their
+# trackers read them.
 OPT_OUT = {
     "data-notrack": None,
-    "clicktracking": "off",
-    "disable-tracking": "true",
-    "data-pm-no-track": None,
-    "ses:no-track": None,
-    "mc:disable-tracking": None,
+    "clicktracking": "off",  # SendGrid
+    "disable-tracking": "true",  # Mailgun, Mandrill
+    "data-pm-no-track": None,  # Postmark
+    "ses:no-track": None,  # Amazon SES
+    "mc:disable-tracking": None,  # Mailchimp
+    "data-no-track": None,  # kannon
+    "data-skip-click": None,  # ahoy_email
+    "mautic:disable-tracking": None,  # Mautic
+    "data-mautic-disable-tracking": None,  # Mautic, where a namespaced name is not kept
+    "mb_dontconvertlink": None,
 }
 
 
-def _opt_out_spans(
+LABEL = "data-label"
+LABEL_LIMIT = 200  # characters of a label kept
+
+
+def _opts_out(values: Mapping[str, str]) -> bool:
+    return any(_is_opt_out(name, values[name]) for name in OPT_OUT.keys() & values.keys())
+
+
+def _label(values: Mapping[str, str]) -> str | None:
+    return " ".join(values.get(LABEL, "").split())[:LABEL_LIMIT] or None
+
+
+def _removed(name: str, values: Mapping[str, str]) -> bool:
+    return name == LABEL or (name in OPT_OUT and _is_opt_out(name, values[name]))
+
+
+def _removal_spans(
     html: str, tag: _StartTag, values: Mapping[str, str]
 ) -> tuple[tuple[int, int], ...]:
-    """What to delete to remove the attributes that opt the element out: each attribute with
-    the separators before it (consecutive ones together).
+    """What to delete to remove the attributes meant for clickrelay alone (opt-out ones, the
+    label): each attribute with the separators before it (consecutive ones together).
 
     Whether an attribute opts out is judged by the value a browser keeps (the first
     occurrence's); every occurrence goes. Where the rest of the tag would then read differently
     (a bare value running on into a "/", a "/" meeting the ">"...), one separator stays; where
-    even that does not do, nothing is deleted: the spans are empty, the link still opts out.
+    even that does not do, nothing is deleted: the spans are empty (the link still opts out).
     """
     stretches: list[tuple[int, int, int]] = []  # separators start, attribute name start, end
     kept: list[tuple[str, str | None]] = []  # (name, value) of the attributes that stay
     previous_end = tag.name_end
     for a in tag.attributes:
-        if a.name in OPT_OUT and _opts_out(a.name, values[a.name]):
+        if _removed(a.name, values):
             if stretches and stretches[-1][2] == previous_end:
                 stretches[-1] = (*stretches[-1][:2], a.end)
             else:
@@ -405,7 +430,7 @@ def _opt_out_spans(
     return tuple((name, name) for _, name, _ in stretches)
 
 
-def _opts_out(name: str, value: str) -> bool:
+def _is_opt_out(name: str, value: str) -> bool:
     wanted = OPT_OUT[name]
     return wanted is None or value.strip().lower() == wanted
 

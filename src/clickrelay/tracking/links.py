@@ -3,7 +3,7 @@
 `html_links` finds the links where a browser finds them; here each is classified (tracked, or
 left alone with a reason code from DESIGN.md), and `splice` builds the new document from slices
 of the old one, so that every character outside the changed href values (and removed opt-out
-attributes) stays exactly as it was.
+and label attributes) stays exactly as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _UNQUOTED_UNSAFE = re.compile(r"[\s\"'=<>`]")
 
 
 def splice(html: str, replacements: Sequence[tuple[Link, str | None]]) -> str:
-    """Replace href values and remove opt-out attributes; every other character stays.
+    """Replace href values and remove opt-out and label attributes; every other character stays.
 
     For each (link, new_url): a new URL replaces the value, escaped for its quoting context
     (an href written without a value, ``<a href>``, gets ``="..."``); the link's opt-out
@@ -48,7 +48,7 @@ def edits(html: str, replacements: Sequence[tuple[Link, str | None]]) -> list[Ed
     for link, new_url in replacements:
         if new_url is not None:
             found.append((link.start, link.end, _href_value(html, link, new_url)))
-        found.extend((start, end, "") for start, end in link.opt_out)
+        found.extend((start, end, "") for start, end in link.removed)
     found.sort()
     for (_, end, _), (start, _, _) in itertools.pairwise(found):
         if start < end:
@@ -123,7 +123,7 @@ def classify(link: Link, rules: LinkRules) -> str | None:
     a campaign sends the same links to every recipient, and those checks are most of the cost.
     """
     url, text = link.url, link.text
-    if link.opt_out:
+    if link.opts_out:
         return "opt_out"
     reason = _url_problem(url)
     if reason:

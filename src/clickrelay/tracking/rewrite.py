@@ -12,8 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from clickrelay.mail import mime
+from clickrelay.storage.base import LinkKey
 from clickrelay.tracking import links, urls
 from clickrelay.tracking.links import Link, LinkRules
+
+
+def key_of(link: Link) -> LinkKey:
+    return link.url, link.label
 
 
 @dataclass(frozen=True)
@@ -22,15 +27,16 @@ class PartPlan:
     judged: list[tuple[Link, str | None]]  # each link with None to track it, or the reason not
 
     def changes(self) -> bool:
-        return any(reason is None or link.opt_out for link, reason in self.judged)
+        return any(reason is None or link.removed for link, reason in self.judged)
 
-    def rewritten(self, tracking_urls: Mapping[str, str]) -> tuple[str, list[links.Edit]]:
-        """The part's text with tracked hrefs replaced and opt-out attributes removed; the edits."""
+    def rewritten(self, tracking_urls: Mapping[LinkKey, str]) -> tuple[str, list[links.Edit]]:
+        """The part's text with tracked hrefs replaced and the attributes meant for clickrelay
+        (opt-out, label) removed; the edits."""
         text = self.decoded.text
         edits = links.edits(
             text,
             [
-                (link, tracking_urls[link.url] if reason is None else None)
+                (link, tracking_urls[key_of(link)] if reason is None else None)
                 for link, reason in self.judged
             ],
         )
@@ -47,19 +53,20 @@ class RewritePlan:
         return [pair for part in self.parts for pair in part.judged]
 
     @property
-    def tracked_urls(self) -> list[str]:
-        """Each URL to track once, in order of appearance (the same URL twice is one link)."""
-        return list(dict.fromkeys(link.url for link, reason in self._judged() if reason is None))
+    def tracked_links(self) -> list[LinkKey]:
+        """Each link to track once, in order of appearance: the same URL twice is one link,
+        unless it has two labels."""
+        return list(dict.fromkeys(key_of(link) for link, reason in self._judged() if not reason))
 
     @property
     def untracked(self) -> Counter[tuple[str, str]]:
         return Counter((link.url, reason) for link, reason in self._judged() if reason)
 
     def apply(
-        self, tracking_urls: Mapping[str, str], removals: Sequence[tuple[int, int]] = ()
+        self, tracking_urls: Mapping[LinkKey, str], removals: Sequence[tuple[int, int]] = ()
     ) -> bytes:
-        """The message with each tracked link's href replaced by `tracking_urls[link.url]`, and
-        the byte ranges in `removals` (the control headers) taken out, in one copy."""
+        """The message with each tracked link's href replaced by its tracking URL (by its key),
+        and the byte ranges in `removals` (the control headers) taken out, in one copy."""
         replacements = []
         for part in self.parts:
             if not part.changes():
