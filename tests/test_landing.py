@@ -126,6 +126,11 @@ SHAPES = [
         "two href attributes",
         "<a href=https://shop.test/first href=https://shop.test/second>{text}</a>",
     ),
+    Shape("unquoted label before", "<a data-label=hero href=https://shop.test/lab1>{text}</a>"),
+    Shape(
+        "label after an unquoted href",
+        '<a href=https://shop.test/lab2?a=1&amp;b=2 data-label="hero cta">{text}</a>',
+    ),
     Shape(
         "inside a textarea",
         '<textarea><a href="https://shop.test/in-textarea">{text}</a></textarea>',
