@@ -548,7 +548,7 @@ class PostgresStore:
     # ------------------------------------------------------------ the relay's writes
 
     async def record_send(self, send: NewSend) -> RecordedSend:
-        async def work(con: asyncpg.Connection) -> tuple[int, int, dict[str, int]]:
+        async def work(con: asyncpg.Connection) -> tuple[int, int, dict[LinkKey, int]]:
             campaign_id = await self._campaign(con, send)
             link_ids = await self._link_ids(con, campaign_id, send.tracked_links)
             send_id = await con.fetchval(
