@@ -28,10 +28,10 @@ from clickrelay.mail.headers import (
     read_control_headers,
 )
 from clickrelay.smtp.upstream import Reply
-from clickrelay.storage.base import NewSend, Store, StoreError
+from clickrelay.storage.base import LinkKey, NewSend, Store, StoreError
 from clickrelay.tracking import rewrite
 from clickrelay.tracking.links import LinkRules
-from clickrelay.tracking.tokens import Signer
+from clickrelay.tracking.tokens import Kind, Signer
 
 log = logging.getLogger(__name__)
 TOO_MANY_HEADERS = f"552 5.3.4 Message header section exceeds {HEADER_LIMIT} bytes"
@@ -178,13 +178,13 @@ class MessagePipeline:
         prepared.tracked, prepared.skipped = len(keys), sum(untracked.values())
         recorded = await self.store.record_send(self._send(prepared, keys, untracked))
         prepared.send_id = recorded.send_id
-        sign, base = self.signer.sign, self.rules.tracking_prefix
-        tracking = {
-            key: base + sign(recorded.send_id, link_id, recorded.sent_at)
-            for key, link_id in recorded.link_ids.items()
-        }
+        sign, base, ids = self.signer.sign, self.rules.tracking_prefix, recorded.link_ids
+
+        def tracking_url(key: LinkKey, kind: Kind) -> str:
+            return base + sign(recorded.send_id, ids[key], recorded.sent_at, kind)
+
         try:
-            return await cpu.run(len(original), plan.apply, tracking, control_spans)
+            return await cpu.run(len(original), plan.apply, tracking_url, control_spans)
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"

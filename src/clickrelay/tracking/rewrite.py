@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from clickrelay.mail import mime
 from clickrelay.storage.base import LinkKey
 from clickrelay.tracking import links, urls
 from clickrelay.tracking.links import Link, LinkRules
+from clickrelay.tracking.tokens import Kind
+
+TrackingURL = Callable[[LinkKey, Kind], str]  # a tracked link's tracking URL, by its key and kind
 
 
 def key_of(link: Link) -> LinkKey:
@@ -25,18 +28,19 @@ def key_of(link: Link) -> LinkKey:
 class PartPlan:
     decoded: mime.DecodedPart
     judged: list[tuple[Link, str | None]]  # each link with None to track it, or the reason not
+    kind: Kind = Kind.HTML  # the kind of its tracking links' tokens
 
     def changes(self) -> bool:
         return any(reason is None or link.removed for link, reason in self.judged)
 
-    def rewritten(self, tracking_urls: Mapping[LinkKey, str]) -> tuple[str, list[links.Edit]]:
+    def rewritten(self, tracking_url: TrackingURL) -> tuple[str, list[links.Edit]]:
         """The part's text with tracked hrefs replaced and the attributes meant for clickrelay
         (opt-out, label) removed; the edits."""
         text = self.decoded.text
         edits = links.edits(
             text,
             [
-                (link, tracking_urls[key_of(link)] if reason is None else None)
+                (link, tracking_url(key_of(link), self.kind) if reason is None else None)
                 for link, reason in self.judged
             ],
         )
@@ -62,16 +66,14 @@ class RewritePlan:
     def untracked(self) -> Counter[tuple[str, str]]:
         return Counter((link.url, reason) for link, reason in self._judged() if reason)
 
-    def apply(
-        self, tracking_urls: Mapping[LinkKey, str], removals: Sequence[tuple[int, int]] = ()
-    ) -> bytes:
-        """The message with each tracked link's href replaced by its tracking URL (by its key),
+    def apply(self, tracking_url: TrackingURL, removals: Sequence[tuple[int, int]] = ()) -> bytes:
+        """The message with each tracked link's href replaced by its tracking URL,
         and the byte ranges in `removals` (the control headers) taken out, in one copy."""
         replacements = []
         for part in self.parts:
             if not part.changes():
                 continue  # nothing to do: keep the part's bytes, do not re-encode
-            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_urls)))
+            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_url)))
         return mime.splice(self.message, replacements, removals)
 
 

@@ -1,8 +1,10 @@
-"""Tracking tokens: send, link and send time, signed with HMAC-SHA256, 32 URL-safe characters.
+"""Tracking tokens: kind, send, link and send time, signed with HMAC-SHA256, 32 URL-safe characters.
 
-Layout before base64url: send id (5 bytes) | link id (4 bytes) | send time (3 bytes: seconds,
-modulo 2**24, about 194 days) | MAC (12 bytes) = 24 bytes, so every token has exactly 32
-characters whatever the URL. Carrying the send time lets a click be judged (too soon after the
+Layout before base64url: kind (2 bits) and send id (38 bits) in 5 bytes | link id (4 bytes) |
+send time (3 bytes: seconds, modulo 2**24, about 194 days) | MAC (12 bytes) = 24 bytes, so every
+token has exactly 32 characters whatever the URL. The kind is signed with the rest: a click
+token is never taken for an open, nor the other way round, and a click says which part of the
+mail (HTML or plain text) its link was in. Tokens made before kinds existed read as HTML clicks. Carrying the send time lets a click be judged (too soon after the
 send?) without a database read. The key is derived from the secret file and the database's
 instance id: a recreated database invalidates old tokens instead of sending their clicks to
 whatever link now has the same id.
@@ -16,22 +18,30 @@ import hmac
 import re
 import secrets
 from pathlib import Path
+from enum import IntEnum
 from typing import NamedTuple
 
 from clickrelay import secretfile
 
 TOKEN_LENGTH = 32
-MAX_SEND_ID = 2**40 - 1
+MAX_SEND_ID = 2**38 - 1
 MAX_LINK_ID = 2**32 - 1
 SENT_WRAP = 2**24  # the send time is kept modulo this many seconds
 _MAC_BYTES = 12
 _SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
+class Kind(IntEnum):
+    HTML = 0  # a click on a link of an HTML part
+    TEXT = 1  # a click on a URL of a plain-text part
+    OPEN = 2  # the open pixel of a send (its link id is 0)
+
+
 class TokenData(NamedTuple):
     send_id: int
     link_id: int
     sent: int  # the send time in seconds, modulo SENT_WRAP
+    kind: Kind = Kind.HTML
 
     def seconds_since_send(self, now: float) -> int:
         """Seconds from the send to `now` (wraps after ~194 days, far past any bot rule)."""
@@ -42,11 +52,12 @@ class Signer:
     def __init__(self, secret: bytes, context: str) -> None:
         self._key = hmac.new(secret, b"clickrelay token v1\0" + context.encode(), "sha256").digest()
 
-    def sign(self, send_id: int, link_id: int, sent_at: float) -> str:
-        if not (0 < send_id <= MAX_SEND_ID and 0 < link_id <= MAX_LINK_ID):
+    def sign(self, send_id: int, link_id: int, sent_at: float, kind: Kind = Kind.HTML) -> str:
+        lowest_link = 0 if kind is Kind.OPEN else 1
+        if not (0 < send_id <= MAX_SEND_ID and lowest_link <= link_id <= MAX_LINK_ID):
             raise ValueError("id out of range for a token")
         payload = (
-            send_id.to_bytes(5, "big")
+            (kind << 38 | send_id).to_bytes(5, "big")
             + link_id.to_bytes(4, "big")
             + (int(sent_at) % SENT_WRAP).to_bytes(3, "big")
         )
@@ -64,10 +75,14 @@ class Signer:
         payload, mac = raw[:12], raw[12:]
         if not hmac.compare_digest(mac, self._mac(payload)):
             return None
+        head = int.from_bytes(payload[:5], "big")
+        if head >> 38 > max(Kind):
+            return None
         return TokenData(
-            int.from_bytes(payload[:5], "big"),
+            head & MAX_SEND_ID,
             int.from_bytes(payload[5:9], "big"),
             int.from_bytes(payload[9:], "big"),
+            Kind(head >> 38),
         )
 
     def _mac(self, payload: bytes) -> bytes:

@@ -30,7 +30,7 @@ from clickrelay.config import IPNetwork, Settings, WebSettings
 from clickrelay.limits import ConnectionLimits, forwarded_client
 from clickrelay.reports.app import Reports
 from clickrelay.storage.base import NewClick, Store, StoreError
-from clickrelay.tracking.tokens import Signer
+from clickrelay.tracking.tokens import Kind, Signer
 from clickrelay.tracking.urls import to_uri
 from clickrelay.web.bots import BotJudge
 from clickrelay.web.recorder import ClickRecorder
@@ -93,7 +93,7 @@ class ClickService:
 
     async def redirect(self, request: web.Request) -> web.Response:
         token = self.signer.verify(request.match_info["token"])
-        if token is None:
+        if token is None or token.kind is Kind.OPEN:
             return not_found()
         try:
             link = await self.links.get(token.link_id)
