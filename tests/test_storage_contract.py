@@ -10,7 +10,7 @@ import pytest
 
 from clickrelay.storage import base as store_module
 from clickrelay.storage import open_store
-from clickrelay.storage.base import CursorError, NewClick, NewSend, StoreError
+from clickrelay.storage.base import CursorError, NewClick, NewOpen, NewSend, StoreError
 
 import pg
 
@@ -515,3 +515,73 @@ async def test_a_link_is_its_url_and_its_label(store):
     page = await store.events(None, 10, LATER)
     (clicked,) = [event for event in page.events if event.type == "click"]
     assert (clicked.url, clicked.label, clicked.link_id) == (A_URL, "hero", hero)
+
+
+async def test_ab_variants_break_down_sends_and_clicks_per_variant_and_per_link(store):
+    a1 = await store.record_send(send(contact_id="1", variant="A"))
+    a2 = await store.record_send(send(contact_id="2", variant="A"))
+    b1 = await store.record_send(send(contact_id="3", variant="B"))
+    await store.record_send(send(contact_id="4", variant="B", decision="campaign_type"))
+    first, second = a1.link_ids["https://a.example/", None], a1.link_ids["https://b.example/", None]
+    await store.add_clicks([
+        click(a1.send_id, first, 1_700_000_100.0), click(a1.send_id, first, 1_700_000_200.0),
+        click(a2.send_id, second, 1_700_000_300.0), click(b1.send_id, first, 1_700_000_400.0),
+        click(b1.send_id, first, 1_700_000_500.0, bot="head"),
+    ])  # fmt: skip
+    report = await store.campaign_report("c1")
+    assert report is not None
+    figures = [(v.variant, v.tracked_sends, v.total_clicks, v.unique_clicks, v.click_rate)
+               for v in report.variants]  # fmt: skip
+    assert figures == [("A", 2, 3, 2, 1.0), ("B", 1, 1, 1, 1.0)]
+    per_link = {
+        link.url: [(v.variant, v.total_clicks, v.unique_clicks)
+                   for v in report.link_variants[link.link_id]]
+        for link in report.links
+    }  # fmt: skip
+    assert per_link == {
+        "https://a.example/": [("A", 2, 1), ("B", 1, 1)],
+        "https://b.example/": [("A", 1, 1), ("B", 0, 0)],
+    }
+
+
+async def test_a_campaign_without_variants_has_no_variant_figures(store):
+    recorded = await store.record_send(send())
+    await store.add_clicks([click(recorded.send_id, recorded.link_ids["https://a.example/", None],
+                                  1_700_000_100.0)])  # fmt: skip
+    report = await store.campaign_report("c1")
+    assert report is not None and report.variants == [] and report.link_variants == {}
+
+
+async def test_clicks_are_counted_by_the_part_their_link_was_in(store):
+    recorded = await store.record_send(send())
+    link = recorded.link_ids["https://a.example/", None]
+    text = [NewClick(recorded.send_id, link, 1_700_000_100.0 + i, None, "ua", "GET", None, "text")
+            for i in range(2)]  # fmt: skip
+    await store.add_clicks([*text, click(recorded.send_id, link, 1_700_000_300.0)])
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert {li.url: li.parts for li in report.links}["https://a.example/"] == {"html": 1, "text": 2}
+    # a counted plain-text click judged a bot later (a burst) leaves the text count too
+    await store.add_clicks([], bursts=[(recorded.send_id, 1_700_000_100.5)])
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert {li.url: li.parts for li in report.links}["https://a.example/"] == {"html": 0, "text": 1}
+
+
+async def test_opens_count_people_apart_from_machines_and_survive_erasure(store):
+    first = await store.record_send(send(contact_id="1"))
+    second = await store.record_send(send(contact_id="2"))
+    third = await store.record_send(send(contact_id="3"))
+    at = 1_700_000_100.0
+    opens = [NewOpen(first.send_id, at, None), NewOpen(first.send_id, at + 1, None),
+             NewOpen(second.send_id, at, "apple_mpp"), NewOpen(third.send_id, at, "google_proxy"),
+             NewOpen(third.send_id, at + 2, None), NewOpen(999_999, at, None)]  # fmt: skip
+    await store.add_clicks([], opens=opens)
+    await store.add_clicks([click(first.send_id, first.link_ids["https://a.example/", None], at)])
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert report.opens == store_module.OpenFigures(opens=3, unique_opens=2, machine_opens=2)
+    assert report.click_to_open_rate == 0.5
+    await store.erase_contact("1", None)
+    report = await store.campaign_report("c1")
+    assert report is not None and report.opens.unique_opens == 2

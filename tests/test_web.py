@@ -230,9 +230,9 @@ async def test_concurrent_clicks_are_group_committed(web_settings):
         counter = CountingStore(store)
         add_clicks = store.add_clicks
 
-        async def counted_add_clicks(new_clicks, bursts=()):
+        async def counted_add_clicks(new_clicks, bursts=(), opens=()):
             batches.append(len(new_clicks))
-            return await add_clicks(new_clicks, bursts)
+            return await add_clicks(new_clicks, bursts, opens)
 
         counter.add_clicks = counted_add_clicks  # found before CountingStore.__getattr__
         return counter

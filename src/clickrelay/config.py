@@ -397,6 +397,8 @@ class HeaderNames:
     track_clicks: str = _field(_nonempty_str, "X-Track-Clicks")
     test_send: str = _field(_nonempty_str, "X-Test-Send")
     track_contact: str = _field(_nonempty_str, "X-Track-Contact")
+    campaign_variant: str = _field(_nonempty_str, "X-Campaign-Variant")
+    track_opens: str = _field(_nonempty_str, "X-Track-Opens")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ def data_of(event: Event) -> dict[str, Any]:
     if event.type == "send":
         return {
             "campaign_id": event.campaign_id, "campaign_name": event.campaign_name,
-            "contact_id": event.contact_id, "email": event.email,
+            "variant": event.variant, "contact_id": event.contact_id, "email": event.email,
             "message_id": event.message_id, "sent_at": iso(event.sent_at),
         }  # fmt: skip
     return {
         "campaign_id": event.campaign_id, "campaign_name": event.campaign_name,
-        "variant": None, "contact_id": event.contact_id, "email": event.email,
+        "variant": event.variant, "contact_id": event.contact_id, "email": event.email,
         "link_id": event.link_id, "url": event.url, "label": event.label,
         "clicked_at": iso(event.at), "bot": event.bot_reason is not None,
         "bot_reason": event.bot_reason,

@@ -140,6 +140,8 @@ class ControlHeaders:
     track_clicks: bool = False
     test_send: bool = False
     track_contact: bool = True  # False: the contact withheld consent (`X-Track-Contact: no`)
+    campaign_variant: str | None = None  # the A/B test variant this send belongs to
+    track_opens: bool = False
 
 
 def control_field_names(names: HeaderNames) -> frozenset[str]:
@@ -161,6 +163,8 @@ def read_control_headers(raw: bytes, block: HeaderBlock, names: HeaderNames) -> 
         track_clicks=values.get("track_clicks", "").lower() in _TRUE,
         test_send=values.get("test_send", "").lower() in _TRUE,
         track_contact=values.get("track_contact", "").lower() not in _FALSE,
+        campaign_variant=values.get("campaign_variant") or None,
+        track_opens=values.get("track_opens", "").lower() in _TRUE,
     )
 
 

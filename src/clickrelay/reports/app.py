@@ -45,6 +45,8 @@ from clickrelay.storage.base import (
     LinkSummary,
     Store,
     StoreError,
+    VariantFigures,
+    rate,
 )
 
 log = logging.getLogger(__name__)
@@ -180,20 +182,62 @@ def link_json(link: LinkSummary, report: CampaignReport) -> dict[str, Any]:
         "link_id": link.link_id, "url": link.url, "label": link.label,
         "total_clicks": link.total_clicks,
         "unique_clicks": link.unique_clicks, "bot_clicks": link.bot_clicks,
-        "share": round(link.total_clicks / total, 4) if total else 0.0,
-        "click_rate": round(link.unique_clicks / sends, 4) if sends else 0.0,
+        "share": rate(link.total_clicks, total),
+        "click_rate": rate(link.unique_clicks, sends),
+        "parts": link.parts,
+        "variants": [variant_json(v) for v in report.link_variants.get(link.link_id, ())],
     }  # fmt: skip
+
+
+VARIANT_FIELDS = ["variant", "tracked_sends", "total_clicks", "unique_clicks", "click_rate"]
+
+
+def variant_json(figures: VariantFigures) -> dict[str, Any]:
+    values = [figures.variant, figures.tracked_sends, figures.total_clicks,
+              figures.unique_clicks, figures.click_rate]  # fmt: skip
+    return dict(zip(VARIANT_FIELDS, values, strict=True))
 
 
 def report_json(report: CampaignReport) -> dict[str, Any]:
     return {
         **campaign_json(report.summary),
+        "opens": report.opens.opens,
+        "unique_opens": report.opens.unique_opens,
+        "machine_opens": report.opens.machine_opens,
+        "click_to_open_rate": report.click_to_open_rate,
+        "variants": [variant_json(v) for v in report.variants],
         "links": [link_json(link, report) for link in report.links],
         "untracked_links": [
             {"url": u.url, "reason": u.reason, "count": u.count} for u in report.untracked
         ],
         "messages_by_decision": _decisions(report),
     }
+
+
+@dataclass(frozen=True)
+class VariantColumn:
+    """A variant side by side with the first (the baseline): its figures and how far its click
+    rate is from the baseline's, in percentage points."""
+
+    figures: VariantFigures
+    difference: float | None  # None for the baseline itself
+
+
+def side_by_side(variants: list[VariantFigures]) -> list[VariantColumn]:
+    if not variants:
+        return []
+    baseline = variants[0].click_rate
+    return [VariantColumn(v, None if i == 0 else round((v.click_rate - baseline) * 100, 2))
+            for i, v in enumerate(variants)]  # fmt: skip
+
+
+def variant_rows(report: CampaignReport) -> Iterable[list[Any]]:
+    """The variants CSV: each variant's campaign figures (no link), then each link's."""
+    for figures in report.variants:
+        yield ["", "", "", *variant_json(figures).values()]
+    for link in report.links:
+        for figures in report.link_variants.get(link.link_id, ()):
+            yield [link.link_id, link.url, link.label, *variant_json(figures).values()]
 
 
 def _decisions(report: CampaignReport) -> dict[str, int]:
@@ -440,6 +484,7 @@ class Reports:
                 ("/reports" + campaign, self.campaign_page),
                 ("/reports" + campaign + "/export.csv", self.links_csv),
                 ("/reports" + campaign + "/untracked/export.csv", self.untracked_csv),
+                ("/reports" + campaign + "/variants/export.csv", self.variants_csv),
                 ("/reports" + link, self.link_page),
                 ("/reports" + link + "/export.csv", self.contacts_csv),
                 ("/api/campaigns", self.campaigns_api),
@@ -529,6 +574,7 @@ class Reports:
         return self._render(
             "campaign.html", report=report, summary=report.summary, links=links, sort=sort,
             descending=descending, chart=chart(timeline(report, time.time())),
+            variants=side_by_side(report.variants),
             link_reasons=LINK_REASONS, send_reasons=SEND_REASONS, sends=_decisions(report),
             refused=sum(n for (_, o), n in report.sends.items() if o in ("refused", "deferred")),
         )  # fmt: skip
@@ -609,8 +655,16 @@ class Reports:
         links, _, _ = self._links(request, report)
         header = ["link_id", "url", "label", "total_clicks", "unique_clicks", "bot_clicks",
                   "share", "click_rate"]  # fmt: skip
-        rows = [[link[key] for key in header] for link in links]
-        return csv_response(f"{report.summary.campaign_id}-links.csv", header, rows)
+        rows = [[*(link[key] for key in header), link["parts"]["html"], link["parts"]["text"]]
+                for link in links]  # fmt: skip
+        name = f"{report.summary.campaign_id}-links.csv"
+        return csv_response(name, [*header, "html_clicks", "text_clicks"], rows)
+
+    async def variants_csv(self, request: web.Request) -> web.Response:
+        report = await self._report(request)
+        name = f"{report.summary.campaign_id}-variants.csv"
+        header = ["link_id", "url", "label", *VARIANT_FIELDS]
+        return csv_response(name, header, variant_rows(report))
 
     async def untracked_csv(self, request: web.Request) -> web.Response:
         report = await self._report(request)

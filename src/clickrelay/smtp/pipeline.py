@@ -183,8 +183,12 @@ class MessagePipeline:
         def tracking_url(key: LinkKey, kind: Kind) -> str:
             return base + sign(recorded.send_id, ids[key], recorded.sent_at, kind)
 
+        pixel = None
+        if prepared.control.track_opens:
+            opened = sign(recorded.send_id, 0, recorded.sent_at, Kind.OPEN)
+            pixel = self.settings.web.public_url.rstrip("/") + "/o/" + opened
         try:
-            return await cpu.run(len(original), plan.apply, tracking_url, control_spans)
+            return await cpu.run(len(original), plan.apply, tracking_url, control_spans, pixel)
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
@@ -214,6 +218,7 @@ class MessagePipeline:
             tracked_links=links,
             untracked=untracked,
             anonymous=anonymous,
+            variant=control.campaign_variant,
         )
 
     async def forwarded(self, prepared: Prepared, reply: Reply) -> None:

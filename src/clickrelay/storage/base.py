@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "CAMPAIGN_SORTS",
@@ -36,11 +36,15 @@ __all__ = [
     "LinkSummary",
     "LinkTarget",
     "NewClick",
+    "NewOpen",
     "NewSend",
+    "OpenFigures",
     "RecordedSend",
+    "ReportRows",
     "Store",
     "StoreError",
     "UntrackedLink",
+    "VariantFigures",
 ]
 
 
@@ -80,6 +84,7 @@ class NewSend:
     untracked: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (url, reason) -> n
     sent_at: float = field(default_factory=time.time)
     anonymous: bool = False  # consent withheld: no identity, and no IP or user agent per click
+    variant: str | None = None  # the A/B test variant (X-Campaign-Variant)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,17 @@ class NewClick:
     user_agent: str | None
     method: str
     bot_reason: str | None  # None for a human click
+    part: str = "html"  # the part of the mail its link was in: "html" or "text"
+
+
+@dataclass(frozen=True)
+class NewOpen:
+    """A load of a send's open pixel. Only counts are kept (per contact of its campaign): no
+    address or user agent. An open of a send that does not exist is dropped."""
+
+    send_id: int
+    opened_at: float
+    machine_reason: str | None  # None: a person's mail client; else the proxy or prefetcher
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,12 @@ class CampaignSummary:
 
     @property
     def click_rate(self) -> float:
-        return round(self.unique_clicks / self.tracked_sends, 4) if self.tracked_sends else 0.0
+        return rate(self.unique_clicks, self.tracked_sends)
+
+
+def rate(part: int, whole: int) -> float:
+    """The one rule for a rate in the reports: a share rounded to 4 places, 0 of nothing."""
+    return round(part / whole, 4) if whole else 0.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,33 @@ class LinkSummary:
     total_clicks: int
     unique_clicks: int
     bot_clicks: int
+    text_clicks: int = 0  # of total_clicks, those on the link in a plain-text part
+
+    @property
+    def parts(self) -> dict[str, int]:
+        """Human clicks by the part of the mail the link was clicked in."""
+        return {"html": self.total_clicks - self.text_clicks, "text": self.text_clicks}
+
+
+@dataclass(frozen=True)
+class VariantFigures:
+    """A campaign's (or one of its links') figures among the sends of one A/B variant."""
+
+    variant: str
+    tracked_sends: int
+    total_clicks: int
+    unique_clicks: int
+
+    @property
+    def click_rate(self) -> float:
+        return rate(self.unique_clicks, self.tracked_sends)
+
+
+@dataclass(frozen=True)
+class OpenFigures:
+    opens: int  # loads of the pixel by people's mail clients
+    unique_opens: int  # contacts with such a load
+    machine_opens: int  # loads by privacy proxies and prefetchers, never in unique_opens
 
 
 @dataclass(frozen=True)
@@ -150,6 +198,13 @@ class CampaignReport:
     untracked: list[UntrackedLink]
     sends: dict[tuple[str, str], int]  # (decision, outcome) -> messages
     hours: list[tuple[int, int, int]]  # (hour since the epoch, human clicks, bot clicks)
+    opens: OpenFigures = OpenFigures(0, 0, 0)
+    variants: list[VariantFigures] = field(default_factory=list)  # none: not an A/B test
+    link_variants: dict[int, list[VariantFigures]] = field(default_factory=dict)  # by link id
+
+    @property
+    def click_to_open_rate(self) -> float:
+        return rate(self.summary.unique_clicks, self.opens.unique_opens)
 
 
 @dataclass(frozen=True)
@@ -188,6 +243,7 @@ class Event:
     url: str | None = None
     label: str | None = None
     bot_reason: str | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,10 +303,11 @@ class Store(Protocol):
     async def get_link(self, link_id: int) -> LinkTarget | None: ...
 
     async def add_clicks(
-        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
-    ) -> None:
-        """Commit a batch of clicks in one transaction. `bursts`: (send id, since) pairs whose
-        human clicks since then are re-marked as bot clicks (reason `burst`)."""
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = (),
+        opens: Sequence[NewOpen] = (),
+    ) -> None:  # fmt: skip
+        """Commit a batch of clicks (and opens) in one transaction. `bursts`: (send id, since)
+        pairs whose human clicks since then are re-marked as bot clicks (reason `burst`)."""
 
     async def campaigns(
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
@@ -359,21 +416,97 @@ def summary_of(row: Mapping[str, Any]) -> CampaignSummary:
 
 def link_of(row: Mapping[str, Any]) -> LinkSummary:
     return LinkSummary(
-        row["id"], row["url"], row["label"] or None, row["total"], row["uniq"], row["bots"]
+        row["id"], row["url"], row["label"] or None, row["total"], row["uniq"], row["bots"],
+        row["text"],
+    )  # fmt: skip
+
+
+Rows = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ReportRows:
+    """What a backend reads for a campaign report, row by row, before `report_of` shapes it."""
+
+    summary: Mapping[str, Any]
+    links: Rows
+    untracked: Rows
+    sends: Rows
+    hours: Rows
+    opens: Mapping[str, Any]  # the rows of `report_sql`'s queries from here on
+    variant_sends: Rows = ()  # empty when the campaign is no A/B test
+    variant_clicks: Rows = ()
+    variant_links: Rows = ()
+
+
+def report_of(rows: ReportRows) -> CampaignReport:
+    variants, link_variants = _variants_of(rows)
+    opens = rows.opens
+    return CampaignReport(
+        summary=summary_of(rows.summary),
+        links=[link_of(row) for row in rows.links],
+        untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in rows.untracked],
+        sends={(r["decision"], r["outcome"]): r["n"] for r in rows.sends},
+        hours=[(r["hour"], r["human"], r["bot"]) for r in rows.hours],
+        opens=OpenFigures(opens["opens"], opens["unique_opens"], opens["machine_opens"]),
+        variants=variants,
+        link_variants=link_variants,
     )
 
 
-def report_of(
-    summary: Mapping[str, Any], links: Sequence[Mapping[str, Any]],
-    untracked: Sequence[Mapping[str, Any]], sends: Sequence[Mapping[str, Any]],
-    hours: Sequence[Mapping[str, Any]],
-) -> CampaignReport:  # fmt: skip
-    return CampaignReport(
-        summary=summary_of(summary),
-        links=[link_of(row) for row in links],
-        untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in untracked],
-        sends={(r["decision"], r["outcome"]): r["n"] for r in sends},
-        hours=[(r["hour"], r["human"], r["bot"]) for r in hours],
+def _variants_of(rows: ReportRows) -> tuple[list[VariantFigures], dict[int, list[VariantFigures]]]:
+    """Each variant's figures (in variant order), and each link's per variant (every variant,
+    clicked or not)."""
+    sent = {r["variant"]: r["n"] for r in rows.variant_sends}
+    if not sent:
+        return [], {}
+    names = sorted(sent)
+    clicks = {r["variant"]: (r["total"], r["uniq"]) for r in rows.variant_clicks}
+    by_link = {(r["link_id"], r["variant"]): (r["total"], r["uniq"]) for r in rows.variant_links}
+    campaign = [VariantFigures(v, sent[v], *clicks.get(v, (0, 0))) for v in names]
+    links = {
+        link["id"]: [VariantFigures(v, sent[v], *by_link.get((link["id"], v), (0, 0)))
+                     for v in names]
+        for link in rows.links
+    }  # fmt: skip
+    return campaign, links
+
+
+class ReportSQL(NamedTuple):
+    """The report queries both backends share, with the backend's placeholder for the
+    campaign's row id (`report_sql`)."""
+
+    opens: str
+    variant_sends: str
+    variant_clicks: str
+    variant_links: str
+
+
+def report_sql(campaign: str) -> ReportSQL:
+    """Opens come from the per-contact open counts. A contact's clicks on a link count for the
+    variant of its latest send of the campaign (the per-contact click counters keep that
+    send): an A/B test sends each contact one variant."""
+    clicked = f"""
+        FROM link_contacts lc JOIN sends s ON s.id = lc.send_id
+        WHERE lc.link_id IN (SELECT id FROM links WHERE campaign_id = {campaign})
+            AND s.variant IS NOT NULL AND lc.human_clicks > 0"""  # noqa: S608 (constants)
+    return ReportSQL(
+        opens=f"""
+            SELECT coalesce(sum(human_opens), 0) AS opens,
+                count(CASE WHEN human_opens > 0 THEN 1 END) AS unique_opens,
+                coalesce(sum(machine_opens), 0) AS machine_opens
+            FROM open_contacts WHERE campaign_id = {campaign}""",  # noqa: S608
+        variant_sends=f"""
+            SELECT s.variant, count(*) AS n FROM sends s
+            WHERE s.campaign_id = {campaign} AND s.variant IS NOT NULL
+                AND {counts_as_sent("s")}
+            GROUP BY s.variant""",  # noqa: S608
+        variant_clicks=f"""
+            SELECT s.variant, sum(lc.human_clicks) AS total,
+                count(DISTINCT lc.contact_key) AS uniq {clicked} GROUP BY s.variant""",
+        variant_links=f"""
+            SELECT s.variant, lc.link_id, sum(lc.human_clicks) AS total, count(*) AS uniq
+            {clicked} GROUP BY s.variant, lc.link_id""",
     )
 
 
@@ -403,6 +536,7 @@ EVENT_KINDS = f"""
 EVENT_COLUMNS = f"""
     e.id, e.at, {_EVENT_TYPE},
     k.link_id, l.url, l.label, k.bot_reason, s.contact_id, s.email, s.message_id, s.sent_at,
+    s.variant,
     c.campaign_key, c.name AS campaign_name
     FROM events e JOIN sends s ON s.id = e.send_id JOIN campaigns c ON c.id = s.campaign_id
     LEFT JOIN clicks k ON k.id = e.click_id LEFT JOIN links l ON l.id = k.link_id"""
@@ -422,7 +556,7 @@ def event_of(row: Mapping[str, Any], instance_id: str) -> Event:
         campaign_id=row["campaign_key"], campaign_name=row["campaign_name"],
         contact_id=row["contact_id"], email=row["email"], message_id=row["message_id"],
         sent_at=row["sent_at"], link_id=row["link_id"], url=row["url"],
-        label=row["label"] or None, bot_reason=row["bot_reason"],
+        label=row["label"] or None, bot_reason=row["bot_reason"], variant=row["variant"],
     )  # fmt: skip
 
 

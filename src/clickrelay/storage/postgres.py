@@ -44,8 +44,10 @@ from clickrelay.storage.base import (
     LinkKey,
     LinkTarget,
     NewClick,
+    NewOpen,
     NewSend,
     RecordedSend,
+    ReportRows,
     StoreError,
     audience_of,
     cleaned,
@@ -64,6 +66,7 @@ from clickrelay.storage.base import (
     like_pattern,
     link_of,
     report_of,
+    report_sql,
     settled,
     storable,
     summary_of,
@@ -281,6 +284,25 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE links DROP CONSTRAINT links_campaign_id_url_hash_key",
         "ALTER TABLE links ADD CONSTRAINT links_identity UNIQUE (campaign_id, url_hash, label)",
     ],
+    [  # 5: A/B variants, clicks by part, opens, as SQLite's.
+        "ALTER TABLE sends ADD COLUMN variant text",
+        "CREATE INDEX sends_by_variant ON sends (campaign_id, variant) WHERE variant IS NOT NULL",
+        "ALTER TABLE clicks ADD COLUMN part text NOT NULL DEFAULT 'html'",
+        "ALTER TABLE link_stats ADD COLUMN text_clicks bigint NOT NULL DEFAULT 0",
+        """CREATE FUNCTION move_text_to_bots() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE link_stats SET text_clicks = text_clicks - 1 WHERE link_id = NEW.link_id;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER text_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+            FOR EACH ROW WHEN (OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
+                AND OLD.rolled AND NEW.part = 'text')
+            EXECUTE FUNCTION move_text_to_bots()""",
+        """CREATE TABLE open_contacts (
+            campaign_id bigint NOT NULL, contact_key text NOT NULL,
+            human_opens bigint NOT NULL, machine_opens bigint NOT NULL,
+            PRIMARY KEY (campaign_id, contact_key))""",
+    ],
 ]
 # Events whose transactions are over, with none older still running (see migration 2).
 _SETTLED_XACT = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -298,12 +320,14 @@ _KINDS_AFTER = f"""
 _ROLL_BATCH = [
     """CREATE TEMP TABLE IF NOT EXISTS roll_batch (
         campaign_id bigint, link_id bigint, send_id bigint, contact_key text,
-        clicked_at double precision, human integer, bot integer) ON COMMIT DELETE ROWS""",
+        clicked_at double precision, human integer, bot integer, text integer)
+        ON COMMIT DELETE ROWS""",
     """WITH batch AS (
         UPDATE clicks SET rolled = true WHERE id IN (
             SELECT id FROM clicks WHERE NOT rolled ORDER BY id LIMIT $1)
         RETURNING campaign_id, link_id, send_id, contact_key, clicked_at,
-            (bot_reason IS NULL)::integer, (bot_reason IS NOT NULL)::integer)
+            (bot_reason IS NULL)::integer, (bot_reason IS NOT NULL)::integer,
+            (bot_reason IS NULL AND part = 'text')::integer)
     INSERT INTO roll_batch SELECT * FROM batch""",
 ]
 # The stats rows go first: the triggers on the *_contacts tables count unique clickers into them.
@@ -312,10 +336,12 @@ _ROLL_UP = [
     SELECT campaign_id, sum(human), sum(bot) FROM roll_batch GROUP BY campaign_id
     ON CONFLICT (campaign_id) DO UPDATE SET human_clicks = t.human_clicks + excluded.human_clicks,
         bot_clicks = t.bot_clicks + excluded.bot_clicks""",
-    """INSERT INTO link_stats AS t (link_id, campaign_id, human_clicks, bot_clicks)
-    SELECT link_id, min(campaign_id), sum(human), sum(bot) FROM roll_batch GROUP BY link_id
+    """INSERT INTO link_stats AS t (link_id, campaign_id, human_clicks, bot_clicks, text_clicks)
+    SELECT link_id, min(campaign_id), sum(human), sum(bot), sum(text) FROM roll_batch
+    GROUP BY link_id
     ON CONFLICT (link_id) DO UPDATE SET human_clicks = t.human_clicks + excluded.human_clicks,
-        bot_clicks = t.bot_clicks + excluded.bot_clicks""",
+        bot_clicks = t.bot_clicks + excluded.bot_clicks,
+        text_clicks = t.text_clicks + excluded.text_clicks""",
     """INSERT INTO campaign_contacts AS t (campaign_id, contact_key, human_clicks)
     SELECT campaign_id, contact_key, sum(human) FROM roll_batch GROUP BY campaign_id, contact_key
     ON CONFLICT (campaign_id, contact_key)
@@ -378,6 +404,8 @@ _ERASE: list[tuple[str, tuple[int, ...]]] = [
      " erased_key = $2 WHERE id = $1", (0, 3)),
     ("UPDATE campaign_contacts SET contact_key = $3 WHERE campaign_id = $1"
      " AND contact_key = $2", (1, 2, 3)),
+    ("UPDATE open_contacts SET contact_key = $3 WHERE campaign_id = $1"
+     " AND contact_key = $2", (1, 2, 3)),
     ("UPDATE link_contacts SET contact_key = $3 WHERE contact_key = $2"
      " AND link_id IN (SELECT id FROM links WHERE campaign_id = $1)", (1, 2, 3)),
 ]  # fmt: skip
@@ -398,16 +426,26 @@ _PRUNE = [
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason)
+                        method, bot_reason, part)
     SELECT s.campaign_id, l.id, s.id,
         {_CONTACT_KEY}, c.clicked_at, CASE WHEN NOT s.anonymous THEN c.ip END,
-        CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason
+        CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason, c.part
     FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::text[],
-                $7::text[]) WITH ORDINALITY
-        AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, n)
+                $7::text[], $8::text[]) WITH ORDINALITY
+        AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, part, n)
     JOIN sends s ON s.id = c.send_id
     JOIN links l ON l.id = c.link_id AND l.campaign_id = s.campaign_id
     ORDER BY c.n"""  # noqa: S608 (ids, and events, in the order the clicks came)
+# In key order, the same in every transaction: two nodes' batches cannot deadlock.
+_INSERT_OPENS = f"""
+    INSERT INTO open_contacts AS t (campaign_id, contact_key, human_opens, machine_opens)
+    SELECT s.campaign_id, {_CONTACT_KEY} AS key, count(*) FILTER (WHERE o.machine IS NULL),
+        count(*) FILTER (WHERE o.machine IS NOT NULL)
+    FROM unnest($1::bigint[], $2::text[]) AS o(send_id, machine) JOIN sends s ON s.id = o.send_id
+    GROUP BY s.campaign_id, key ORDER BY s.campaign_id, key
+    ON CONFLICT (campaign_id, contact_key) DO UPDATE SET
+        human_opens = t.human_opens + excluded.human_opens,
+        machine_opens = t.machine_opens + excluded.machine_opens"""  # noqa: S608 (constants)
 
 _SUMMARY = f"""
     SELECT * FROM (SELECT c.id, c.campaign_key, c.name, c.type, c.first_send_at,
@@ -423,8 +461,10 @@ _SUMMARY = f"""
 
 _LINKS = """
     SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
-        coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots
+        coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
+        coalesce(ls.text_clicks, 0) AS text
     FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
+_REPORT = report_sql("$1")
 
 _ORDER = {  # CAMPAIGN_SORTS
     "last_send": "last_send_at",
@@ -553,9 +593,11 @@ class PostgresStore:
             link_ids = await self._link_ids(con, campaign_id, send.tracked_links)
             send_id = await con.fetchval(
                 "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
-                " sent_at, anonymous) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                " sent_at, anonymous, variant) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " RETURNING id",
                 campaign_id, cleaned(send.contact_id), cleaned(send.email),
                 cleaned(send.message_id), send.decision, send.sent_at, send.anonymous,
+                cleaned(send.variant),
             )  # fmt: skip
             untracked = sorted(
                 (url_hash(url), cleaned(url), reason, n)
@@ -632,13 +674,14 @@ class PostgresStore:
         return LinkTarget(rows[0]["id"], rows[0]["url"]) if rows else None
 
     async def add_clicks(
-        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
-    ) -> None:
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = (),
+        opens: Sequence[NewOpen] = (),
+    ) -> None:  # fmt: skip
         # One statement for the whole batch (its rows as arrays). The counters follow (`RollUps`).
         columns = _columns(
             [(c.send_id, c.link_id, c.clicked_at, c.ip, cleaned(c.user_agent), c.method,
-              c.bot_reason) for c in clicks],
-            7,
+              c.bot_reason, c.part) for c in clicks],
+            8,
         )  # fmt: skip
 
         async def work(con: asyncpg.Connection) -> None:
@@ -650,6 +693,10 @@ class PostgresStore:
                     "UPDATE clicks SET bot_reason = 'burst' WHERE send_id = $1"
                     " AND clicked_at >= $2 AND bot_reason IS NULL",
                     bursts,
+                )
+            if opens:
+                await con.execute(
+                    _INSERT_OPENS, *_columns([(o.send_id, o.machine_reason) for o in opens], 2)
                 )
 
         await self._in_transaction(work)
@@ -710,7 +757,13 @@ class PostgresStore:
         hours = await self._fetch(
             "SELECT hour, human, bot FROM click_hours WHERE campaign_id = $1 ORDER BY hour", db_id
         )
-        return report_of(rows[0], links, untracked, sends, hours)
+        opens = (await self._fetch(_REPORT.opens, db_id))[0]
+        variants = await self._fetch(_REPORT.variant_sends, db_id)
+        clicks = await self._fetch(_REPORT.variant_clicks, db_id) if variants else []
+        by_link = await self._fetch(_REPORT.variant_links, db_id) if variants else []
+        return report_of(
+            ReportRows(rows[0], links, untracked, sends, hours, opens, variants, clicks, by_link)
+        )
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50

@@ -37,8 +37,10 @@ from clickrelay.storage.base import (
     LinkKey,
     LinkTarget,
     NewClick,
+    NewOpen,
     NewSend,
     RecordedSend,
+    ReportRows,
     StoreError,
     audience_of,
     contact_page,
@@ -56,6 +58,7 @@ from clickrelay.storage.base import (
     like_pattern,
     link_of,
     report_of,
+    report_sql,
     settled,
     storable,
     summary_of,
@@ -250,6 +253,24 @@ MIGRATIONS: list[list[str]] = [
         "DROP TABLE links",
         "ALTER TABLE links_labelled RENAME TO links",
     ],
+    [  # 5: A/B variants, clicks by part, opens. A send keeps its variant; a click, the part
+        # of the mail its link was in (and link_stats its human clicks in plain text); opens
+        # are counted per contact of the campaign, no row per open (no address, no agent).
+        "ALTER TABLE sends ADD COLUMN variant TEXT",
+        "CREATE INDEX sends_by_variant ON sends (campaign_id, variant) WHERE variant IS NOT NULL",
+        "ALTER TABLE clicks ADD COLUMN part TEXT NOT NULL DEFAULT 'html'",
+        "ALTER TABLE link_stats ADD COLUMN text_clicks INTEGER NOT NULL DEFAULT 0",
+        """CREATE TRIGGER text_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+        WHEN OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL AND NEW.part = 'text'
+            AND NEW.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
+        BEGIN
+            UPDATE link_stats SET text_clicks = text_clicks - 1 WHERE link_id = NEW.link_id;
+        END""",
+        """CREATE TABLE open_contacts (
+            campaign_id INTEGER NOT NULL, contact_key TEXT NOT NULL,
+            human_opens INTEGER NOT NULL, machine_opens INTEGER NOT NULL,
+            PRIMARY KEY (campaign_id, contact_key))""",
+    ],
 ]
 # The key a send's clicks are counted under: its contact, or the send itself.
 _CONTACT_KEY = "coalesce(s.erased_key, s.contact_id, '#' || s.id)"
@@ -276,11 +297,13 @@ _ROLL_UP = [
     FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
         bot_clicks = bot_clicks + excluded.bot_clicks""",
-    """INSERT INTO link_stats (link_id, campaign_id, human_clicks, bot_clicks)
-    SELECT link_id, campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL)
+    """INSERT INTO link_stats (link_id, campaign_id, human_clicks, bot_clicks, text_clicks)
+    SELECT link_id, campaign_id, sum(bot_reason IS NULL), sum(bot_reason IS NOT NULL),
+        sum(bot_reason IS NULL AND part = 'text')
     FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY link_id
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
-        bot_clicks = bot_clicks + excluded.bot_clicks""",
+        bot_clicks = bot_clicks + excluded.bot_clicks,
+        text_clicks = text_clicks + excluded.text_clicks""",
     """INSERT INTO campaign_contacts (campaign_id, contact_key, human_clicks)
     SELECT campaign_id, contact_key, sum(bot_reason IS NULL)
     FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id, contact_key
@@ -322,14 +345,22 @@ def _roll_up_script(limit: int) -> str:
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason)
+                        method, bot_reason, part)
     SELECT s.campaign_id, l.id, s.id, {_CONTACT_KEY}, c.value ->> 2,
            iif(s.anonymous, NULL, c.value ->> 3), iif(s.anonymous, NULL, c.value ->> 4),
-           c.value ->> 5, c.value ->> 6
+           c.value ->> 5, c.value ->> 6, c.value ->> 7
     FROM json_each(?) c
     JOIN sends s ON s.id = c.value ->> 0
     JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id
     ORDER BY c.key"""  # noqa: S608 (ids, and events, in the order the clicks came)
+_INSERT_OPENS = f"""
+    INSERT INTO open_contacts (campaign_id, contact_key, human_opens, machine_opens)
+    SELECT s.campaign_id, {_CONTACT_KEY} AS key, sum(o.value ->> 1 IS NULL),
+        sum(o.value ->> 1 IS NOT NULL)
+    FROM json_each(?) o JOIN sends s ON s.id = o.value ->> 0 WHERE true
+    GROUP BY s.campaign_id, key
+    ON CONFLICT DO UPDATE SET human_opens = human_opens + excluded.human_opens,
+        machine_opens = machine_opens + excluded.machine_opens"""  # noqa: S608 (constants)
 
 
 # Audiences, one page at a time: who clicked (in contact key order, from the per-contact
@@ -369,6 +400,8 @@ _ERASE = [
     "UPDATE sends SET contact_id = NULL, email = NULL, message_id = NULL, anonymous = 1,"
     " erased_key = :new WHERE id = :send",
     "UPDATE campaign_contacts SET contact_key = :new"
+    " WHERE campaign_id = :campaign AND contact_key = :old",
+    "UPDATE open_contacts SET contact_key = :new"
     " WHERE campaign_id = :campaign AND contact_key = :old",
     "UPDATE link_contacts SET contact_key = :new WHERE contact_key = :old"
     " AND link_id IN (SELECT id FROM links WHERE campaign_id = :campaign)",
@@ -530,9 +563,9 @@ class SQLiteStore:
                 link_ids = await self._link_ids(db, campaign_id, send.tracked_links)
                 cursor = await db.execute(
                     "INSERT INTO sends (campaign_id, contact_id, email, message_id, decision,"
-                    " sent_at, anonymous) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " sent_at, anonymous, variant) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (campaign_id, send.contact_id, send.email, send.message_id, send.decision,
-                     send.sent_at, send.anonymous),
+                     send.sent_at, send.anonymous, send.variant),
                 )  # fmt: skip
                 send_id = cursor.lastrowid
                 await db.executemany(
@@ -612,15 +645,17 @@ class SQLiteStore:
         return LinkTarget(rows[0]["id"], rows[0]["url"]) if rows else None
 
     async def add_clicks(
-        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = ()
-    ) -> None:
+        self, clicks: Sequence[NewClick], bursts: Sequence[tuple[int, float]] = (),
+        opens: Sequence[NewOpen] = (),
+    ) -> None:  # fmt: skip
         # One statement for the whole batch (rows passed as one JSON parameter): a single trip
         # to the database thread, atomic on its own. The report counters follow (`RollUps`).
         rows = json.dumps([
-            [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason]
+            [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason,
+             c.part]
             for c in clicks
         ])  # fmt: skip
-        if not bursts:
+        if not bursts and not opens:
             await self._write(_INSERT_CLICKS, (rows,))
         else:
             try:
@@ -631,6 +666,9 @@ class SQLiteStore:
                         " AND clicked_at >= ? AND bot_reason IS NULL",
                         bursts,
                     )
+                    if opens:
+                        loads = [[o.send_id, o.machine_reason] for o in opens]
+                        await db.execute(_INSERT_OPENS, (json.dumps(loads),))
             except _FAILURES as exc:
                 raise StoreError(str(exc)) from exc
         self._rollups.clicks_added(len(clicks))
@@ -677,8 +715,10 @@ class SQLiteStore:
 
     _LINKS = """
         SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
-            coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots
+            coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
+            coalesce(ls.text_clicks, 0) AS text
         FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
+    _REPORT = report_sql("?")
 
     async def campaigns(
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
@@ -717,7 +757,14 @@ class SQLiteStore:
             "SELECT hour, human, bot FROM click_hours WHERE campaign_id = ? ORDER BY hour",
             (db_id,),
         )
-        return report_of(rows[0], links, untracked, sends, hours)
+        extra = self._REPORT
+        opens = (await self._query(extra.opens, (db_id,)))[0]
+        variants = await self._query(extra.variant_sends, (db_id,))
+        clicks = await self._query(extra.variant_clicks, (db_id,)) if variants else []
+        by_link = await self._query(extra.variant_links, (db_id,)) if variants else []
+        return report_of(
+            ReportRows(rows[0], links, untracked, sends, hours, opens, variants, clicks, by_link)
+        )
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50

@@ -15,6 +15,7 @@ from clickrelay.mail import mime
 from clickrelay.storage.base import LinkKey
 from clickrelay.tracking import links, urls
 from clickrelay.tracking.links import Link, LinkRules
+from clickrelay.tracking.pixel import pixel_edit
 from clickrelay.tracking.tokens import Kind
 
 TrackingURL = Callable[[LinkKey, Kind], str]  # a tracked link's tracking URL, by its key and kind
@@ -30,12 +31,16 @@ class PartPlan:
     judged: list[tuple[Link, str | None]]  # each link with None to track it, or the reason not
     kind: Kind = Kind.HTML  # the kind of its tracking links' tokens
 
-    def changes(self) -> bool:
+    def changes(self, pixel_url: str | None = None) -> bool:
+        if pixel_url is not None and self.kind is Kind.HTML:
+            return True
         return any(reason is None or link.removed for link, reason in self.judged)
 
-    def rewritten(self, tracking_url: TrackingURL) -> tuple[str, list[links.Edit]]:
-        """The part's text with tracked hrefs replaced and the attributes meant for clickrelay
-        (opt-out, label) removed; the edits."""
+    def rewritten(
+        self, tracking_url: TrackingURL, pixel_url: str | None = None
+    ) -> tuple[str, list[links.Edit]]:
+        """The part's text with tracked hrefs replaced, the attributes meant for clickrelay
+        (opt-out, label) removed and, given its URL, the open pixel put in; the edits."""
         text = self.decoded.text
         edits = links.edits(
             text,
@@ -44,6 +49,8 @@ class PartPlan:
                 for link, reason in self.judged
             ],
         )
+        if pixel_url is not None and self.kind is Kind.HTML:
+            edits = sorted([*edits, pixel_edit(text, pixel_url)])
         return links.apply_edits(text, edits), edits
 
 
@@ -66,14 +73,18 @@ class RewritePlan:
     def untracked(self) -> Counter[tuple[str, str]]:
         return Counter((link.url, reason) for link, reason in self._judged() if reason)
 
-    def apply(self, tracking_url: TrackingURL, removals: Sequence[tuple[int, int]] = ()) -> bytes:
-        """The message with each tracked link's href replaced by its tracking URL,
+    def apply(
+        self, tracking_url: TrackingURL, removals: Sequence[tuple[int, int]] = (),
+        pixel_url: str | None = None,
+    ) -> bytes:  # fmt: skip
+        """The message with each tracked link's href replaced by its tracking URL (and each
+        HTML part given the open pixel of `pixel_url`, when given),
         and the byte ranges in `removals` (the control headers) taken out, in one copy."""
         replacements = []
         for part in self.parts:
-            if not part.changes():
+            if not part.changes(pixel_url):
                 continue  # nothing to do: keep the part's bytes, do not re-encode
-            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_url)))
+            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_url, pixel_url)))
         return mime.splice(self.message, replacements, removals)
 
 

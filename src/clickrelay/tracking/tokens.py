@@ -1,11 +1,12 @@
-"""Tracking tokens: kind, send, link and send time, signed with HMAC-SHA256, 32 URL-safe characters.
+"""Tracking tokens: kind, send, link and send time, HMAC-SHA256 signed, 32 URL-safe characters.
 
 Layout before base64url: kind (2 bits) and send id (38 bits) in 5 bytes | link id (4 bytes) |
 send time (3 bytes: seconds, modulo 2**24, about 194 days) | MAC (12 bytes) = 24 bytes, so every
 token has exactly 32 characters whatever the URL. The kind is signed with the rest: a click
 token is never taken for an open, nor the other way round, and a click says which part of the
-mail (HTML or plain text) its link was in. Tokens made before kinds existed read as HTML clicks. Carrying the send time lets a click be judged (too soon after the
-send?) without a database read. The key is derived from the secret file and the database's
+mail (HTML or plain text) its link was in. Tokens made before kinds existed read as HTML
+clicks. Carrying the send time lets a click be judged (too soon after the send?) without a
+database read. The key is derived from the secret file and the database's
 instance id: a recreated database invalidates old tokens instead of sending their clicks to
 whatever link now has the same id.
 """
@@ -17,8 +18,8 @@ import binascii
 import hmac
 import re
 import secrets
-from pathlib import Path
 from enum import IntEnum
+from pathlib import Path
 from typing import NamedTuple
 
 from clickrelay import secretfile

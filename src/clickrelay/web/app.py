@@ -2,7 +2,8 @@
 
 A click flows one way: verify the token (no database for a forged one; the token also carries
 the send and its time) -> look up the link (cached) -> judge human or bot -> record (group
-commit) -> 302 to the exact original URL. A click with a warm cache reads nothing.
+commit) -> 302 to the exact original URL. A click with a warm cache reads nothing. An open
+(`opens`) takes the same way to its pixel, without a link.
 
 Against hostile clients, `LimitedSite` caps the open connections (in total and per client
 address, `[web] max_connections...`): one over a cap gets a small 503 at once and is closed.
@@ -33,6 +34,7 @@ from clickrelay.storage.base import NewClick, Store, StoreError
 from clickrelay.tracking.tokens import Kind, Signer
 from clickrelay.tracking.urls import to_uri
 from clickrelay.web.bots import BotJudge
+from clickrelay.web.opens import OpenService
 from clickrelay.web.recorder import ClickRecorder
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ class ClickService:
                        self.settings.privacy.store_ip)  # fmt: skip
         click = NewClick(
             token.send_id, link.link_id, now, ip, (user_agent or "")[:512] or None,
-            request.method, verdict.reason,
+            request.method, verdict.reason, "text" if token.kind is Kind.TEXT else "html",
         )  # fmt: skip
         await self.recorder.record(click, verdict.burst_since)
         return web.Response(status=302, headers={**NO_STORE, "Location": to_uri(link.url)})
@@ -152,6 +154,8 @@ def create_app(
     app = web.Application(client_max_size=64 * 1024)
     clicks = ClickService(settings, store, signer, recorder)
     app.router.add_get("/c/{token}", clicks.redirect)
+    opens = OpenService(signer, recorder, settings.web.trusted_proxies)
+    app.router.add_get("/o/{token}", opens.pixel)
     app.router.add_get("/healthz", _healthz(store))
     app.add_routes(Reports(settings, store).routes())
     return app

@@ -1,4 +1,4 @@
-"""Durable clicks without a commit per request: group commit.
+"""Durable clicks (and opens) without a commit per request: group commit.
 
 Each request enqueues its click and awaits the commit of the batch that holds it; the redirect
 goes out only after that. There is no timer: a flush starts as soon as a click arrives and the
@@ -16,14 +16,14 @@ import asyncio
 import logging
 from collections import deque
 
-from clickrelay.storage.base import NewClick, Store, StoreError
+from clickrelay.storage.base import NewClick, NewOpen, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 HOLD_LIMIT = 100_000  # clicks held in memory while storage is down; beyond it the oldest go
 RETRY_SECONDS = 2.0
 
-Held = tuple[NewClick, float | None]  # a click and, for a burst, since when to re-mark
+Held = tuple[NewClick | NewOpen, float | None]  # a hit and, for a burst, since when to re-mark
 
 
 class ClickRecorder:
@@ -42,6 +42,13 @@ class ClickRecorder:
         `burst_since`: also re-mark this send's human clicks since then as `burst` clicks.
         """
         self.received += 1
+        return await self._enqueue(click, burst_since)
+
+    async def record_open(self, load: NewOpen) -> bool:
+        """Store an open, committed with the clicks of its batch (as `record`)."""
+        return await self._enqueue(load, None)
+
+    async def _enqueue(self, click: NewClick | NewOpen, burst_since: float | None) -> bool:
         if self.storage_down:
             self._hold([(click, burst_since)])
             self._start_flusher()
@@ -76,10 +83,11 @@ class ClickRecorder:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _commit(self, items: list[Held]) -> bool:
-        clicks = [click for click, _ in items]
+        clicks = [hit for hit, _ in items if isinstance(hit, NewClick)]
+        opens = [hit for hit, _ in items if isinstance(hit, NewOpen)]
         bursts = [(click.send_id, since) for click, since in items if since is not None]
         try:
-            await self.store.add_clicks(clicks, bursts)
+            await self.store.add_clicks(clicks, bursts, opens)
         except StoreError as exc:
             log.error(
                 "STORAGE DOWN: %d click(s) held in memory for retry, redirects continue: %s",
