@@ -13,7 +13,7 @@ def data_of(event: Event) -> dict[str, Any]:
     if event.type == "send":
         return {
             "campaign_id": event.campaign_id, "campaign_name": event.campaign_name,
-            "variant": event.variant, "contact_id": event.contact_id, "email": event.email,
+            "contact_id": event.contact_id, "email": event.email,
             "message_id": event.message_id, "sent_at": iso(event.sent_at),
         }  # fmt: skip
     return {
