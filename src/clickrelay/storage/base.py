@@ -492,9 +492,9 @@ def report_sql(campaign: str) -> ReportSQL:
             AND s.variant IS NOT NULL AND lc.human_clicks > 0"""  # noqa: S608 (constants)
     return ReportSQL(
         opens=f"""
-            SELECT coalesce(sum(human_opens), 0) AS opens,
+            SELECT CAST(coalesce(sum(human_opens), 0) AS bigint) AS opens,
                 count(CASE WHEN human_opens > 0 THEN 1 END) AS unique_opens,
-                coalesce(sum(machine_opens), 0) AS machine_opens
+                CAST(coalesce(sum(machine_opens), 0) AS bigint) AS machine_opens
             FROM open_contacts WHERE campaign_id = {campaign}""",  # noqa: S608
         variant_sends=f"""
             SELECT s.variant, count(*) AS n FROM sends s
@@ -502,10 +502,11 @@ def report_sql(campaign: str) -> ReportSQL:
                 AND {counts_as_sent("s")}
             GROUP BY s.variant""",  # noqa: S608
         variant_clicks=f"""
-            SELECT s.variant, sum(lc.human_clicks) AS total,
+            SELECT s.variant, CAST(sum(lc.human_clicks) AS bigint) AS total,
                 count(DISTINCT lc.contact_key) AS uniq {clicked} GROUP BY s.variant""",
         variant_links=f"""
-            SELECT s.variant, lc.link_id, sum(lc.human_clicks) AS total, count(*) AS uniq
+            SELECT s.variant, lc.link_id, CAST(sum(lc.human_clicks) AS bigint) AS total,
+                count(*) AS uniq
             {clicked} GROUP BY s.variant, lc.link_id""",
     )
 
