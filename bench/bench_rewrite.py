@@ -3,7 +3,9 @@ find and judge links, splice tracking links, re-encode), on the corpus templates
 40-link newsletter. Baselines in the same process: the standard library's html.parser reading
 the same HTML (a parse alone, no rewrite), and the email package's parse + generate of the same
 message. Then where the time
-goes: each stage of the rewrite timed on its own.
+goes: each stage of the rewrite timed on its own; and the newsletter as multipart/alternative
+(HTML and its plain-text rendering) rewritten with plain-text tracking and the open pixel on vs
+off, in the same run.
 
     python bench/bench_rewrite.py [--corpus DIR] [--seconds 0.3]
 """
@@ -17,6 +19,7 @@ import html.parser
 import os
 import platform
 import quopri
+import re
 import sys
 import time
 import urllib.parse
@@ -58,10 +61,37 @@ def tracking_url(key: object, kind: object) -> str:
     return TRACKING
 
 
-def rewrite_message(raw: bytes) -> bytes:
-    plan = rewrite.plan(raw, mime.parse(raw), RULES)
+def rewrite_message(raw: bytes, plain_text: bool = False, pixel: str | None = None) -> bytes:
+    plan = rewrite.plan(raw, mime.parse(raw), RULES, plain_text)
     assert plan is not None
-    return plan.apply(tracking_url)
+    return plan.apply(tracking_url, (), pixel)
+
+
+def alternative_message(html: bytes) -> bytes:
+    """The newsletter as senders send it: multipart/alternative, its plain-text rendering (each
+    link as "text (URL)") first, both quoted-printable."""
+    text = re.sub(rb'<a\s[^>]*?href="([^"]+)"[^>]*>(.*?)</a>', rb"\2 (\1)", html, flags=re.S)
+    text = re.sub(rb"[ \t]*\n\s*", b"\r\n", re.sub(rb"<[^>]*>", b"", text)).strip() + b"\r\n"
+    part = b"Content-Type: text/%s; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable"
+    return (
+        b"From: news@example.com\r\nTo: r@example.com\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\n" + part % b"plain" + b"\r\n\r\n" + quopri.encodestring(text) + b"\r\n"
+        b"--b\r\n" + part % b"html" + b"\r\n\r\n" + quopri.encodestring(html) + b"\r\n--b--\r\n"
+    )
+
+
+def plain_text_and_opens(html: bytes, seconds: float) -> None:
+    raw = alternative_message(html)
+    pixel = "https://click.example.com/o/" + "P" * 32
+    off = timed(lambda: rewrite_message(raw), seconds)
+    on = timed(lambda: rewrite_message(raw, plain_text=True, pixel=pixel), seconds)
+    mb = len(raw) / 1e6
+    print(
+        f"\nplain text + opens, {len(raw) / 1024:.1f} KB multipart/alternative newsletter: "
+        f"on {mb / on:.1f} MB/s ({on * 1e3:.2f} ms), off {mb / off:.1f} MB/s "
+        f"({off * 1e3:.2f} ms), on/off x{off / on:.2f} throughput"
+    )
 
 
 def timed(func: Callable[[], object], seconds: float) -> float:
@@ -170,6 +200,7 @@ def main() -> None:
         total = {key: sum(times[key] for times in per_document) for key in per_document[0]}
         rows.append((f"the {len(corpus)} corpus documents", sum(map(len, corpus)), total))
     print_stages(rows)
+    plain_text_and_opens(letter, args.seconds)
 
 
 if __name__ == "__main__":

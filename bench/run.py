@@ -1,7 +1,8 @@
 """All of clickrelay's end-to-end benchmarks in one command: SMTP relay throughput and memory
 (bench_smtp.py), link rewriting (bench_rewrite.py), redirects (bench_redirect.py), each against
-its baseline in the same run, durable storage on PostgreSQL against SQLite with one and two
-web nodes (bench_postgres.py), and redirects with webhooks configured (bench_webhooks.py).
+its baseline in the same run, DKIM re-signing against the rewrite (bench_dkim.py), durable
+storage on PostgreSQL against SQLite with one and two web nodes (bench_postgres.py), and
+redirects with webhooks configured (bench_webhooks.py).
 Prints the machine's description and every bench's output, then writes the figures against
 their targets to bench/RESULTS.md (a "## Notes" section already in that file is kept).
 The defaults keep the whole run to about eight minutes.
@@ -178,6 +179,21 @@ def rewrite_rows(section: Section) -> None:
     section.add("rewrite, all documents (corpus + newsletter)", f"{mb_s} MB/s", ">= 50", mb_s >= 50)
     section.add("rewrite, 60 KB 40-link newsletter", f"{letter[1]} MB/s, {letter[0]} ms/message")
     section.add("html.parser parse alone, all documents (scale)", f"{total[1]} MB/s")
+    both = grab(r"^plain text \+ opens.*?on ([\d.]+) MB/s.*?off ([\d.]+) MB/s.*?x([\d.]+)", text)
+    if both is None:
+        unparsed(section, "plain text + opens")
+        return
+    section.add("rewrite with plain-text tracking + opens, on vs off (newsletter, HTML + text)",
+                f"{both[0]} vs {both[1]} MB/s = {both[2]}x")  # fmt: skip
+
+
+def dkim_rows(section: Section) -> None:
+    found = re.findall(r"^re-sign, (.+?): ([\d.]+) ms/message, ([\d.]+)x the rewrite",
+                       section.output, re.MULTILINE)  # fmt: skip
+    if not found:
+        unparsed(section, "re-signing ms/message")
+    for name, ms, ratio in found:
+        section.add(f"re-sign the 60 KB newsletter, {name}", f"{ms} ms/message = {ratio}x rewrite")
 
 
 def redirect_rows(section: Section) -> None:
@@ -347,6 +363,12 @@ def main() -> None:
             ["--seconds", str(args.rewrite_seconds)],
             timeout=600,
         )
+        resign = Section(
+            "DKIM re-signing",
+            "bench_dkim.py",
+            ["--seconds", str(args.rewrite_seconds)],
+            timeout=300,
+        )
         redirect = Section(
             "Redirects",
             "bench_redirect.py",
@@ -372,6 +394,7 @@ def main() -> None:
             (smtp, ["--json", str(smtp_json)],
              lambda s: smtp_rows(s, json.loads(smtp_json.read_text()))),
             (rewrite, [], rewrite_rows),
+            (resign, [], dkim_rows),
             (redirect, [], redirect_rows),
             (postgres, ["--json", str(postgres_json)],
              lambda s: postgres_rows(s, json.loads(postgres_json.read_text()))),
@@ -384,7 +407,7 @@ def main() -> None:
                 figures(section)
             except (OSError, ValueError, KeyError) as exc:
                 unparsed(section, f"figures ({type(exc).__name__}: {exc})")
-    sections = [smtp, rewrite, redirect, postgres, hooks]
+    sections = [smtp, rewrite, resign, redirect, postgres, hooks]
     script = os.path.relpath(Path(sys.argv[0]).resolve(), HERE.parent)
     command = shlex.join(["python", script, *sys.argv[1:]])
     text = markdown(command, started, time.monotonic() - clock, about, sections)

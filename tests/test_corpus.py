@@ -12,6 +12,7 @@ import email
 import quopri
 import re
 from dataclasses import replace
+from urllib.parse import unquote
 
 import pytest
 
@@ -66,6 +67,14 @@ def strip_control(raw: bytes) -> bytes:
     )
 
 
+def with_control_headers(original: bytes) -> bytes:
+    """The message with the tracking headers before its first field."""
+    control = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items()).encode()
+    first_field = re.search(rb"(?m)^[!-9;-~]+:", original)  # after an mbox line or junk
+    at = first_field.start() if first_field else 0
+    return original[:at] + control + original[at:]
+
+
 def html_parts(raw: bytes) -> list[mime.DecodedPart | None]:
     return [mime.decode(raw, entity) for entity in mime.html_body_parts(mime.parse(raw))]
 
@@ -113,13 +122,40 @@ def test_eml_headers_read_as_the_email_package_reads_them(corpus, name):
 @pytest.mark.parametrize("name", names("eml"))
 async def test_eml_messages(corpus, settings, upstream, name):
     original = crlf((corpus / "eml" / name).read_bytes())
-    control = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items()).encode()
-    first_field = re.search(rb"(?m)^[!-9;-~]+:", original)  # after an mbox line or junk
-    at = first_field.start() if first_field else 0
-    raw = original[:at] + control + original[at:]
+    raw = with_control_headers(original)
     async with start_relay(settings) as relay:
         replies = await send(relay.port, raw)
         assert replies[-1].startswith("250"), replies
         (received,) = upstream.received
         decision = await check_forwarded(relay, settings, raw, received.content)
     assert decision in {"tracked", "signed", "dkim", "no_html", "error"}
+
+
+def text_parts(raw: bytes) -> list[mime.DecodedPart | None]:
+    return [mime.decode(raw, entity) for entity in mime.body_parts(mime.parse(raw), "text/plain")]
+
+
+TRACKING = re.compile(r"http://click\.test/c/[A-Za-z0-9_%-]{32,}")
+
+
+@pytest.mark.parametrize("name", names("eml"))
+async def test_eml_text_parts_with_plain_text_tracking(corpus, settings, upstream, name):
+    """Every text/plain body part is forwarded, and each tracking link in it stands for a URL
+    the original part holds at that place: restoring them gives the original text."""
+    settings = replace(settings, tracking=replace(settings.tracking, track_plain_text=True))
+    raw = with_control_headers(crlf((corpus / "eml" / name).read_bytes()))
+    async with start_relay(settings) as relay:
+        replies = await send(relay.port, raw)
+        assert replies[-1].startswith("250"), replies
+        (received,) = upstream.received
+        before, after = text_parts(strip_control(raw)), text_parts(received.content)
+        assert len(before) == len(after)
+        for old, new in zip(before, after, strict=True):
+            if old is None or new is None:
+                assert received.content == strip_control(raw) or old is None
+                continue
+            restored, pos = [], 0
+            for found in TRACKING.finditer(new.text):
+                restored += (new.text[pos : found.start()], await relay.resolve(unquote(found[0])))
+                pos = found.end()
+            assert "".join(restored) + new.text[pos:] == old.text

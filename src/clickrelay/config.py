@@ -240,17 +240,31 @@ def _webhook_events(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(events))
 
 
-def _webhooks(value: Any) -> tuple[WebhookSettings, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ValueError(f"expected [[webhooks]] tables, got {_toml_type(value)}")
-    endpoints = tuple(
-        _build(WebhookSettings, table, f"webhooks[{n}]") for n, table in enumerate(value)
-    )
-    urls = [endpoint.url for endpoint in endpoints]
-    for n, url in enumerate(urls):
-        if url in urls[:n]:
-            raise ConfigError(f"webhooks[{n}].url", f"{url} is configured twice")
-    return endpoints
+def _tables(cls: type, section: str, unique: str) -> Callable[[Any], tuple[Any, ...]]:
+    """The parser of an array of `[[section]]` tables of `cls`, no two with the same `unique`
+    value."""
+
+    def parse(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"expected [[{section}]] tables, got {_toml_type(value)}")
+        tables = tuple(_build(cls, table, f"{section}[{n}]") for n, table in enumerate(value))
+        values = [getattr(table, unique) for table in tables]
+        for n, item in enumerate(values):
+            if item in values[:n]:
+                raise ConfigError(f"{section}[{n}].{unique}", f"{item} is configured twice")
+        return tables
+
+    return parse
+
+
+_DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.IGNORECASE)
+
+
+def _dns_name(value: Any) -> str:
+    """A domain or selector (ASCII, as DNS and DKIM's d= and s= write it), lower-cased."""
+    if not _DNS_NAME.fullmatch(_str(value)):
+        raise ValueError(f"expected a DNS name like shop.example.com, got {value!r}")
+    return value.lower()
 
 
 def _password_hash(value: Any) -> str:
@@ -370,6 +384,7 @@ class TrackingSettings:
     system_url_patterns: tuple[re.Pattern[str], ...] = _field(_regex_list, ())
     affiliate_url_patterns: tuple[re.Pattern[str], ...] = _field(_regex_list, ())
     track_url_text_links: bool = _field(_bool, False)
+    track_plain_text: bool = _field(_bool, False)  # track URLs in text/plain parts too
 
 
 @dataclass(frozen=True)
@@ -420,6 +435,15 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class DkimSettings:
+    """One `[[dkim]]` signing key: DKIM-signed campaign mail of `domain` is signed anew."""
+
+    domain: str = _field(_dns_name)  # the d= it signs for
+    selector: str = _field(_dns_name)  # its public key is the TXT of {selector}._domainkey.{domain}
+    private_key: Path = _field(_path)  # RSA or Ed25519, PEM (PKCS#1 or #8) or dkimpy's base64
+
+
+@dataclass(frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -430,7 +454,12 @@ class Settings:
     bots: BotSettings = field(default_factory=BotSettings)
     headers: HeaderNames = field(default_factory=HeaderNames)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    webhooks: tuple[WebhookSettings, ...] = field(default=(), metadata={"parse": _webhooks})
+    webhooks: tuple[WebhookSettings, ...] = field(
+        default=(), metadata={"parse": _tables(WebhookSettings, "webhooks", "url")}
+    )
+    dkim: tuple[DkimSettings, ...] = field(
+        default=(), metadata={"parse": _tables(DkimSettings, "dkim", "domain")}
+    )
     # Where the settings came from: None means the embedded defaults.
     source: Path | None = field(default=None, compare=False)
 
@@ -529,6 +558,10 @@ def _check_consistency(settings: Settings) -> None:
     _check_readable("storage.password_file", storage.password_file)
     if settings.reports.password and settings.reports.password_hash:
         raise ConfigError("reports.password", "set password or password_hash, not both")
+    if settings.dkim:
+        from clickrelay.mail import dkim  # (it imports this module)
+
+        dkim.load_keys(settings.dkim)  # each key read and tried now, not at the first message
 
 
 def _check_readable(key: str, path: Path | None) -> None:

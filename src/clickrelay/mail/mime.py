@@ -1,4 +1,4 @@
-"""MIME structure located in the raw bytes: walk entities, decode an HTML part, splice it back.
+"""MIME structure located in the raw bytes: walk entities, decode a text part, splice it back.
 
 The email package would re-generate the message (new boundaries, folded headers, normalised
 encodings), so instead this module records where each entity's headers and body lie in the
@@ -175,16 +175,27 @@ def is_signed_or_encrypted(root: Entity) -> bool:
 
 def html_body_parts(root: Entity) -> list[Entity]:
     """text/html leaves that are part of the message body: not attachments, not in attached mail."""
+    return body_parts(root, "text/html")
+
+
+def body_parts(root: Entity, *content_types: str) -> list[Entity]:
+    """The leaves of these types that are part of the message body (not attachments, not in
+    attached mail), in message order."""
     found = []
     for entity in root.walk():
-        if entity.content_type == "text/html" and not entity.children and not entity.is_attachment:
+        if (
+            entity.content_type in content_types
+            and not entity.children
+            and not entity.is_attachment
+        ):
             found.append(entity)
     return found
 
 
 @dataclass(frozen=True)
 class DecodedPart:
-    """An HTML part's text plus what it takes to encode a changed text back the same way."""
+    """A text part's text (HTML or plain) plus what it takes to encode a changed text back the
+    same way."""
 
     entity: Entity
     text: str

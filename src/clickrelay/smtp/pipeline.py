@@ -15,7 +15,7 @@ from aiosmtpd.smtp import Envelope
 
 from clickrelay import cpu
 from clickrelay.config import Settings
-from clickrelay.mail import mime
+from clickrelay.mail import dkim, mime
 from clickrelay.mail.headers import (
     HEADER_LIMIT,
     ControlHeaders,
@@ -62,6 +62,7 @@ class MessagePipeline:
         self.store = store
         self.signer = signer
         self.control_names = control_field_names(settings.headers)
+        self.resigner = dkim.Resigner(dkim.load_keys(settings.dkim), settings.smtp.received_header)
         tracking = settings.tracking
         self.rules = LinkRules(
             public_url=settings.web.public_url,
@@ -119,7 +120,7 @@ class MessagePipeline:
             prepared.decision = self._header_reason(control) or "tracked"
             if prepared.decision == "tracked":
                 root = await cpu.run(len(message), mime.parse, message)
-                prepared.decision = self._content_reason(block, root) or "tracked"
+                prepared.decision = self._content_reason(message, block, root) or "tracked"
             if prepared.decision == "tracked":
                 rewritten = await self._rewrite(prepared, message, block, root, control_spans)
         except StoreError as exc:
@@ -141,11 +142,13 @@ class MessagePipeline:
             return "campaign_type"
         return None
 
-    def _content_reason(self, block: HeaderBlock, root: mime.Entity) -> str | None:
-        """Why the message itself cannot be rewritten, if it cannot."""
+    def _content_reason(self, message: bytes, block: HeaderBlock, root: mime.Entity) -> str | None:
+        """Why the message itself cannot be rewritten, if it cannot (DKIM-signed mail can when
+        clickrelay can sign it anew)."""
         if mime.is_signed_or_encrypted(root):
             return "signed"
-        if block.first("dkim-signature") is not None:
+        dkim_signed = block.first("dkim-signature") is not None
+        if dkim_signed and not self.resigner.resignable(message, block):
             return "dkim"
         return None
 
@@ -162,13 +165,14 @@ class MessagePipeline:
         if unsubscribe is not None:
             urls = rewrite.list_unsubscribe_urls(field_value(original, unsubscribe))
             rules = replace(rules, unsubscribe_urls=urls)
-        plan = await cpu.run(len(original), rewrite.plan, original, root, rules)
+        plain_text = self.settings.tracking.track_plain_text
+        plan = await cpu.run(len(original), rewrite.plan, original, root, rules, plain_text)
         if plan is None:
             prepared.decision = "no_html"
             return None
         if plan.left_alone:
             log.warning(
-                "%s: %d HTML part(s) left as they are (not decodable exactly)",
+                "%s: %d body part(s) left as they are (not decodable exactly)",
                 prepared.message_id, plan.left_alone,
             )  # fmt: skip
             if not plan.parts:
@@ -188,12 +192,24 @@ class MessagePipeline:
             opened = sign(recorded.send_id, 0, recorded.sent_at, Kind.OPEN)
             pixel = self.settings.web.public_url.rstrip("/") + "/o/" + opened
         try:
-            return await cpu.run(len(original), plan.apply, tracking_url, control_spans, pixel)
+            rewritten = await cpu.run(len(original), plan.apply, tracking_url, control_spans, pixel)
+            if block.first("dkim-signature") is not None:
+                rewritten = await self._resigned(original, rewritten, control_spans)
+            return rewritten
         except Exception:
             log.exception("splicing %s failed, forwarding it untouched", prepared.message_id)
             prepared.decision = "error"
             await self.store.set_send_decision(recorded.send_id, "error")
             return None
+
+    async def _resigned(
+        self, original: bytes, rewritten: bytes, control_spans: list[tuple[int, int]]
+    ) -> bytes:
+        """The rewritten message signed anew; as it is if rewriting changed nothing but the
+        control headers (its signatures hold as they are)."""
+        if rewritten == mime.splice(original, [], control_spans):
+            return rewritten
+        return await cpu.run(len(rewritten), self.resigner.resign, rewritten)
 
     async def _record(self, prepared: Prepared) -> None:
         try:

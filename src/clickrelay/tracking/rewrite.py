@@ -1,4 +1,5 @@
-"""Rewrite a message's HTML body parts: `plan` finds and judges every link, `apply` splices.
+"""Rewrite a message's HTML (and plain-text) body parts: `plan` finds and judges every link,
+`apply` splices.
 
 Pure CPU work, no I/O: the pipeline stores the planned links between the two steps, so that the
 tracking URLs `apply` writes exist in the database before the message leaves.
@@ -9,16 +10,20 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from email.utils import collapse_rfc2231_value
 
 from clickrelay.mail import mime
 from clickrelay.storage.base import LinkKey
-from clickrelay.tracking import links, urls
+from clickrelay.tracking import links, text_links, urls
 from clickrelay.tracking.links import Link, LinkRules
 from clickrelay.tracking.pixel import pixel_edit
 from clickrelay.tracking.tokens import Kind
 
 TrackingURL = Callable[[LinkKey, Kind], str]  # a tracked link's tracking URL, by its key and kind
+# How a part's text takes new URLs: HTML escapes them for their attribute (and removes opt-out
+# and label attributes), plain text writes them as they are.
+Splicer = Callable[[str, Sequence[tuple[Link, str | None]]], list[links.Edit]]
 
 
 def key_of(link: Link) -> LinkKey:
@@ -39,10 +44,10 @@ class PartPlan:
     def rewritten(
         self, tracking_url: TrackingURL, pixel_url: str | None = None
     ) -> tuple[str, list[links.Edit]]:
-        """The part's text with tracked hrefs replaced, the attributes meant for clickrelay
-        (opt-out, label) removed and, given its URL, the open pixel put in; the edits."""
+        """The part's text with tracked URLs replaced, the attributes meant for clickrelay
+        (opt-out, label) removed and, given its URL, the open pixel put in (HTML); the edits."""
         text = self.decoded.text
-        edits = links.edits(
+        edits = _SPLICERS[self.kind](
             text,
             [
                 (link, tracking_url(key_of(link), self.kind) if reason is None else None)
@@ -58,7 +63,7 @@ class PartPlan:
 class RewritePlan:
     message: bytes
     parts: list[PartPlan]
-    left_alone: int  # HTML body parts that cannot be decoded exactly
+    left_alone: int  # body parts that cannot be decoded exactly
 
     def _judged(self) -> list[tuple[Link, str | None]]:
         return [pair for part in self.parts for pair in part.judged]
@@ -78,8 +83,8 @@ class RewritePlan:
         pixel_url: str | None = None,
     ) -> bytes:  # fmt: skip
         """The message with each tracked link's href replaced by its tracking URL (and each
-        HTML part given the open pixel of `pixel_url`, when given),
-        and the byte ranges in `removals` (the control headers) taken out, in one copy."""
+        HTML part given the open pixel of `pixel_url`, when given), and the byte ranges in
+        `removals` (the control headers) taken out, in one copy."""
         replacements = []
         for part in self.parts:
             if not part.changes(pixel_url):
@@ -88,23 +93,57 @@ class RewritePlan:
         return mime.splice(self.message, replacements, removals)
 
 
-def plan(message: bytes, root: mime.Entity, rules: LinkRules) -> RewritePlan | None:
-    """Decode each HTML body part and judge its links; None if the message has no HTML body.
+_SPLICERS: dict[Kind, Splicer] = {Kind.HTML: links.edits, Kind.TEXT: text_links.edits}
+
+
+def plan(
+    message: bytes, root: mime.Entity, rules: LinkRules, plain_text: bool = False
+) -> RewritePlan | None:
+    """Decode each HTML body part, and with `plain_text` each text/plain one, and judge its
+    links; None if the message has no such body part.
 
     A part is left as it is when it cannot be decoded exactly.
     """
-    entities = mime.html_body_parts(root)
+    types = ("text/html", "text/plain") if plain_text else ("text/html",)
+    entities = mime.body_parts(root, *types)
     if not entities:
         return None
+    # In plain text every URL is its own text: the rule for links showing a URL does not apply.
+    text_rules = replace(rules, track_url_text=True) if plain_text else rules
     parts = []
     for entity in entities:
         decoded = mime.decode(message, entity)
         if decoded is None:
             continue
-        judged = [_as_opened(link, links.classify(link, rules), decoded.charset)
-                  for link in links.find_links(decoded.text)]  # fmt: skip
-        parts.append(PartPlan(decoded, judged))
+        if entity.content_type == "text/html":
+            parts.append(_html_plan(decoded, rules))
+        else:
+            parts.append(_text_plan(decoded, text_rules))
     return RewritePlan(message, parts, left_alone=len(entities) - len(parts))
+
+
+def _html_plan(decoded: mime.DecodedPart, rules: LinkRules) -> PartPlan:
+    judged = [_as_opened(link, links.classify(link, rules), decoded.charset)
+              for link in links.find_links(decoded.text)]  # fmt: skip
+    return PartPlan(decoded, judged)
+
+
+def _text_plan(decoded: mime.DecodedPart, rules: LinkRules) -> PartPlan:
+    """A plain-text part's URLs, judged: each as written (a client opens it so, whatever the
+    part's charset)."""
+    found = text_links.find_links(decoded.text, _flow(decoded.entity))
+    return PartPlan(decoded, [(link, links.classify(link, rules)) for link in found], Kind.TEXT)
+
+
+def _flow(entity: mime.Entity) -> text_links.Flow:
+    """The part's format=flowed and DelSp=yes (RFC 3676), from its Content-Type."""
+    flowed = _parameter(entity, "format") == "flowed"
+    return text_links.Flow(flowed, flowed and _parameter(entity, "delsp") == "yes")
+
+
+def _parameter(entity: mime.Entity, name: str) -> str:
+    value = entity.headers.get_param(name, "")
+    return str(collapse_rfc2231_value(value)).strip().lower()
 
 
 def _as_opened(link: Link, reason: str | None, charset: str) -> tuple[Link, str | None]:
