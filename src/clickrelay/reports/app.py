@@ -97,8 +97,8 @@ SEND_REASONS = {
     "campaign_type": "The campaign type is not in [tracking] tracked_campaign_types "
     "(RSS, A/B test and workflow sends pass untouched).",
     "signed": "Signed or encrypted (S/MIME, PGP): rewriting would break the signature.",
-    "dkim": "Carries a DKIM-Signature that rewriting would break; sign after clickrelay "
-    "(at the upstream) to track these.",
+    "dkim": "Carries a DKIM-Signature that rewriting would break: give clickrelay the "
+    "domain's key ([[dkim]]) or sign after clickrelay (at the upstream) to track these.",
     "no_html": "No HTML part: nothing to rewrite.",
     "error": "Could not be rewritten safely (undecodable HTML, storage or internal error); "
     "forwarded untouched. The log says which.",

@@ -38,6 +38,9 @@ class Kind(IntEnum):
     OPEN = 2  # the open pixel of a send (its link id is 0)
 
 
+_KINDS = tuple(Kind)  # by value: a lookup on the redirect path, cheaper than Kind(value)
+
+
 class TokenData(NamedTuple):
     send_id: int
     link_id: int
@@ -77,13 +80,13 @@ class Signer:
         if not hmac.compare_digest(mac, self._mac(payload)):
             return None
         head = int.from_bytes(payload[:5], "big")
-        if head >> 38 > max(Kind):
+        if head >> 38 >= len(_KINDS):
             return None
         return TokenData(
             head & MAX_SEND_ID,
             int.from_bytes(payload[5:9], "big"),
             int.from_bytes(payload[9:], "big"),
-            Kind(head >> 38),
+            _KINDS[head >> 38],
         )
 
     def _mac(self, payload: bytes) -> bytes:
