@@ -378,9 +378,12 @@ class Listener:
     name: str | None = None
 
 
+REFUSED_RECIPIENT = "check_recipient_access inline:{refused@example.com=REJECT}, permit"
+
 # The listeners of the `postfix_upstream` fixture (tests/conftest.py), by name.
 UPSTREAM_LISTENERS = (
-    Listener(name="full"),
+    # `refused@example.com` is refused (554 5.7.1), so a Postfix client in front bounces it
+    Listener({"smtpd_recipient_restrictions": REFUSED_RECIPIENT}, name="full"),
     Listener({"smtputf8_enable": "no", "smtpd_discard_ehlo_keywords": "8bitmime"}, name="legacy"),
     Listener({"smtpd_discard_ehlo_keywords": "dsn"}, name="nodsn"),
 )

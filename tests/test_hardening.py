@@ -12,6 +12,7 @@ import re
 import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -21,7 +22,7 @@ from urllib.parse import quote, unquote
 import aiohttp
 import pytest
 
-from clickrelay import config, passwords
+from clickrelay import config, passwords, service
 from clickrelay.config import _networks
 from clickrelay.passwords import hash_password
 from clickrelay.storage.base import NewSend
@@ -333,7 +334,7 @@ async def stop(service: ServiceProcess) -> int:
 @pytest.mark.parametrize(
     ("args", "debug_expected"),
     [(("--log-level", "debug", "web"), True), (("web", "--log-level", "debug"), True),
-     (("web",), False)],
+     (("--log-level", "debug", "run"), True), (("web",), False)],
 )  # fmt: skip
 async def test_the_log_level_before_the_command_is_honoured(tmp_path, args, debug_expected):
     cfg, _ = web_config(tmp_path)
@@ -469,6 +470,70 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+UNITS = sorted((Path(__file__).parent.parent / "systemd").glob("clickrelay-*.service"))
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[unit.name for unit in UNITS])
+def test_the_units_allow_descriptors_for_every_default_connection(unit, tmp_path):
+    """systemd's default soft limit (1024) would scale the caps down: the units raise it so
+    that the default caps of both halves (as `clickrelay run` has them) fit."""
+    limits = re.findall(r"(?m)^LimitNOFILE=(\d+)$", unit.read_text())
+    assert len(limits) == 1, f"{unit.name}: no LimitNOFILE= line"
+    settings = config.embedded_defaults(tmp_path)
+    assert service.fit_caps(settings, service.Parts(), int(limits[0])) is settings
+
+
+async def test_out_of_descriptors_the_service_logs_one_line_and_recovers(tmp_path):
+    """`clickrelay run` on its own listeners: its soft limit is lowered (prlimit --pid) to just
+    above what it holds, so accepting fails with EMFILE while clients hold connections. One
+    log line, no traceback; once they let go, both halves answer again."""
+    cfg, web_port = web_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[web]\n", "[web]\nidle_timeout_seconds = 60\n"))
+    service = ServiceProcess("run", "--config", str(cfg))
+    await service.start("smtp relay listening")
+    pid = service.proc.pid
+    writers = []
+    try:
+        held = len(os.listdir(f"/proc/{pid}/fd"))
+        soft, hard = open_files_limit(pid)
+        prlimit(pid, held + 2, hard)
+        for _ in range(20):
+            writers.append((await asyncio.open_connection("127.0.0.1", web_port))[1])
+        deadline = time.monotonic() + 15
+        while not refusals(service.log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        first = time.monotonic()
+        while time.monotonic() < first + 2.5:  # asyncio retries the accept each second
+            await asyncio.sleep(0.1)
+        lines = refusals(service.log)
+        for writer in writers:
+            writer.close()
+        prlimit(pid, soft, hard)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{web_port}/healthz") as response,
+        ):
+            healthy = response.status
+        code = await stop(service)
+    finally:
+        for writer in writers:
+            writer.close()
+        await service.kill()
+    assert len(lines) == 1, service.log
+    assert "Too many open files (EMFILE); retrying each second" in lines[0]
+    assert healthy == 200
+    assert code == 0
+    assert not any("Traceback" in line for line in service.log), "\n".join(service.log)
+
+
+def refusals(log: list[str]) -> list[str]:
+    return [line for line in log if "cannot accept new connections" in line]
+
+
+def prlimit(pid: int, soft: int, hard: int) -> None:
+    subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"], check=True)
 
 
 async def test_running_out_of_descriptors_logs_one_line_without_a_traceback(tmp_path):

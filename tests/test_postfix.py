@@ -49,6 +49,26 @@ async def test_postfix_bounces_reach_the_upstream_through_the_relay(
     assert b"nobody@example.com" in dsn.content and mid.encode() in dsn.content
 
 
+async def test_a_postfix_bounce_passes_a_postfix_upstream_from_the_null_sender(
+    tmp_path, postfix_client, postfix_upstream, smtp_sink: SmtpSink
+):
+    """Postfix client -> relay -> Postfix -> smtp-sink: the Postfix upstream refuses a
+    recipient, the relay answers the client with that refusal, the client bounces the message
+    from `<>` through the relay again, and the Postfix upstream delivers the bounce."""
+    mid = unique_id()
+    settings = behind(postfix_client, tmp_path, postfix_upstream.listener_port("full"))
+    async with start_relay(settings):
+        submitted = await postfix_client.submit(
+            "<sender@example.com>", ["<refused@example.com>"], text(mid)
+        )
+        bounced = await postfix_client.wait_for_delivery(submitted.queue_id, "bounced")
+        (dump,) = await smtp_sink.wait(1, match=mid.encode())
+    assert bounced["dsn"] == "5.7.1" and "Recipient address rejected" in bounced["reply"]
+    assert dump.sender == "" and dump.recipients == ["sender@example.com"]
+    assert dump.headers.get_content_type() == "multipart/report"
+    assert b"refused@example.com" in dump.message
+
+
 async def test_smtputf8_and_8bit_mail_from_postfix_reach_a_7bit_postfix_upstream(
     tmp_path, postfix_client, postfix_upstream, smtp_sink: SmtpSink
 ):

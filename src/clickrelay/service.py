@@ -323,6 +323,8 @@ def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        if _late_accept_retry(context):
+            return
         if context.get("message") != ACCEPT_FAILURE or not isinstance(exc, OSError):
             if previous is not None:
                 previous(loop, context)
@@ -336,3 +338,13 @@ def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
         )
 
     loop.set_exception_handler(handler)
+
+
+def _late_accept_retry(context: dict[str, Any]) -> bool:
+    """asyncio schedules a retry for every accept that failed (up to the backlog's worth); a
+    retry that comes after its listener was closed, at shutdown, fails on the closed socket
+    (ValueError: Invalid file descriptor: -1). Nothing is lost: there is nothing to report."""
+    callback = getattr(context.get("handle"), "_callback", None)
+    return getattr(callback, "__name__", "") == "_start_serving" and isinstance(
+        context.get("exception"), ValueError
+    )
