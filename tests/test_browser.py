@@ -100,3 +100,61 @@ async def test_campaign_page_renders_in_a_real_browser(settings, tmp_path):
     assert page["rects"] >= 2 and page["rects"] % 2 == 0  # human and bot bar per bucket
     assert page["drawn"] >= 2  # at least the human and the bot clicks' bars have height
     assert console_errors(tools) == []
+
+
+LONG = "https://shop.example.com/" + "very-long-path-segment/" * 12 + "?utm_source=mail&id=12345"
+# How a page sits on the screen: the page must not scroll sideways, whatever is in it.
+LAYOUT = """(() => ({
+  page: document.documentElement.scrollWidth,
+  screen: window.innerWidth,
+  truncated: [...document.querySelectorAll('.truncate')].map(
+    e => ({title: e.title, text: e.textContent, cut: e.scrollWidth > e.clientWidth})),
+}))()"""
+SMALL_SCREEN = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+
+
+async def visit(tools: DevTools, url: str) -> dict:
+    """Load `url` in the page; its LAYOUT and a whole-page screenshot."""
+    since = len(tools.log)
+    navigated = await tools.call("Page.navigate", url=url)
+    assert "errorText" not in navigated, navigated
+    await tools.wait_until(lambda method, _: method == "Page.loadEventFired" or None, since)
+    seen = await tools.call("Runtime.evaluate", expression=LAYOUT, returnByValue=True)
+    assert "exceptionDetails" not in seen, seen
+    shot = await tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    return {**seen["result"]["value"], "png": base64.b64decode(shot["data"])}
+
+
+async def test_every_report_page_fits_a_390px_screen(settings, tmp_path):
+    settings = replace(settings, reports=replace(settings.reports, password="pw"))
+    async with start_web(settings) as web, headless_chromium(tmp_path / "profile") as endpoint:
+        untracked = {(LONG + "&x={{id}}", "placeholder"): 1}
+        send_id, links = await web.send(
+            campaign="autumn-26", urls=(A, LONG), name=NAME, untracked=untracked
+        )
+        assert (await web.click(send_id, links[LONG])).status == 302
+        base = web.base + "/reports"
+        pages = {
+            "campaigns": base, "campaign": base + "/campaigns/autumn-26",
+            "link": base + f"/campaigns/autumn-26/links/{links[LONG]}",
+        }  # fmt: skip
+        socket = await web.session.ws_connect(endpoint, max_msg_size=64 * 2**20)
+        tools = DevTools(socket)
+        try:
+            await tools.open_page()
+            for domain in ("Page", "Network", "Runtime"):
+                await tools.call(f"{domain}.enable")
+            await tools.call("Network.setExtraHTTPHeaders", headers=basic_auth())
+            await tools.call("Emulation.setDeviceMetricsOverride", **SMALL_SCREEN)
+            seen = {name: await visit(tools, url) for name, url in pages.items()}
+        finally:
+            await tools.close()
+            await socket.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, layout in seen.items():
+        (ARTIFACTS / f"{name}-390px.png").write_bytes(layout["png"])
+        assert layout["screen"] == 390, name
+        assert layout["page"] <= 390, f"the {name} page scrolls sideways: {layout['page']}px"
+    # long URLs are cut short on screen, and whole in their title and their text (to copy)
+    cut = [t for t in seen["campaign"]["truncated"] if t["title"].startswith(LONG)]
+    assert len(cut) == 2 and all(t["cut"] and t["text"] == t["title"] for t in cut), cut

@@ -289,3 +289,12 @@ def test_a_label_goes_from_links_left_alone_too():
     link = only_link(html)
     assert (link.label, link.opts_out, classify(link, RULES)) == ("mail", True, "opt_out")
     assert splice(html, [(link, None)]) == '<a href="mailto:a@example.com">x</a>'
+
+
+def test_idn_hosts_are_mapped_non_transitionally_as_browsers_map_them():
+    from clickrelay.tracking.urls import ascii_host
+
+    # transitional mapping (IDNA 2003) would give strasse.test: another domain
+    assert ascii_host("straße.test") == "xn--strae-oqa.test"
+    assert ascii_host("ελληνικός.test") == "xn--qxaegecap6byf.test"  # final sigma kept
+    assert ascii_host("BÜCHER.example") == "xn--bcher-kva.example"

@@ -585,3 +585,78 @@ async def test_opens_count_people_apart_from_machines_and_survive_erasure(store)
     await store.erase_contact("1", None)
     report = await store.campaign_report("c1")
     assert report is not None and report.opens.unique_opens == 2
+
+
+PHONE, LAPTOP = ("mobile", "iOS", "Mobile Safari"), ("desktop", "Windows", "Outlook")
+
+
+def device_click(send_id: int, link_id: int, at: float, device, bot: str | None = None):
+    return NewClick(send_id, link_id, at, None, "ua", "GET", bot, "html", device)
+
+
+async def test_human_clicks_are_counted_by_device_and_bots_leave_the_count(store):
+    one = await store.record_send(send(contact_id="1"))
+    two = await store.record_send(send(contact_id="2"))
+    link = one.link_ids["https://a.example/", None]
+    at = 1_700_000_100.0
+    await store.add_clicks([
+        device_click(one.send_id, link, at, PHONE), device_click(one.send_id, link, at + 1, PHONE),
+        device_click(two.send_id, link, at + 2, LAPTOP),
+        device_click(two.send_id, link, at + 3, LAPTOP, bot="head"),
+        device_click(two.send_id, link, at + 4, None),  # stored before devices were
+    ])  # fmt: skip
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert [(d.device, d.os, d.client, d.clicks) for d in report.devices] == [
+        (*PHONE, 2), (*LAPTOP, 1), ("unknown", "Unknown", "Unknown", 1),
+    ]  # fmt: skip
+    # counted clicks judged a burst later leave their device's count
+    await store.add_clicks([], bursts=[(one.send_id, at + 0.5)])
+    report = await store.campaign_report("c1")
+    assert report is not None
+    assert [(d.device, d.clicks) for d in report.devices] == [
+        ("desktop", 1),
+        ("mobile", 1),
+        ("unknown", 1),
+    ]
+    assert sum(d.clicks for d in report.devices) == report.summary.total_clicks
+
+
+DAY = 86400.0
+
+
+async def test_a_period_has_its_clicks_and_the_sends_made_before_its_end(store):
+    start = 1_700_006_400.0  # a midnight (UTC)
+    early = await store.record_send(send(contact_id="1", sent_at=start + 60, variant="A"))
+    late = await store.record_send(send(contact_id="2", sent_at=start + 2 * DAY, variant="B"))
+    await store.record_send(send(contact_id="3", sent_at=start + 90, decision="no_links"))
+    a, b = (early.link_ids[url, None] for url in ("https://a.example/", "https://b.example/"))
+    await store.add_clicks([
+        device_click(early.send_id, a, start + 3600, PHONE),  # day 1
+        device_click(early.send_id, b, start + DAY + 7200, LAPTOP),  # day 2
+        device_click(early.send_id, b, start + DAY + 7300, LAPTOP, bot="head"),
+        device_click(late.send_id, a, start + 2 * DAY + 100, PHONE),  # day 3
+        device_click(late.send_id, a, start + 2 * DAY + 200, PHONE),
+    ])  # fmt: skip
+    day2 = await store.campaign_report("c1", store_module.Period(start + DAY, start + 2 * DAY))
+    both = await store.campaign_report("c1", store_module.Period(start, start + 3 * DAY))
+    whole = await store.campaign_report("c1")
+    assert day2 is not None and both is not None and whole is not None
+    summary = day2.summary
+    assert (summary.tracked_sends, summary.total_clicks, summary.unique_clicks,
+            summary.bot_clicks) == (1, 1, 1, 1)  # fmt: skip
+    assert {link.url: (link.total_clicks, link.bot_clicks) for link in day2.links} == {
+        "https://a.example/": (0, 0), "https://b.example/": (1, 1)
+    }  # fmt: skip
+    assert [(d.device, d.clicks) for d in day2.devices] == [("desktop", 1)]
+    assert [(hour, human, bot) for hour, human, bot in day2.hours] == [
+        (int((start + DAY + 7200) // 3600), 1, 1)
+    ]
+    assert day2.sends == {("tracked", "pending"): 1, ("no_links", "pending"): 1}
+    assert day2.opens is None and day2.click_to_open_rate is None
+    assert [(v.variant, v.tracked_sends, v.total_clicks) for v in day2.variants] == [("A", 1, 1)]
+    # the whole span of the clicks has what the whole campaign has
+    for figures in ("tracked_sends", "total_clicks", "unique_clicks", "bot_clicks"):
+        assert getattr(both.summary, figures) == getattr(whole.summary, figures), figures
+    assert both.links == whole.links and both.devices == whole.devices
+    assert both.hours == whole.hours and both.untracked == whole.untracked

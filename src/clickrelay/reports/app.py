@@ -19,10 +19,10 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, astuple, dataclass
+from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 from aiohttp import web
@@ -41,8 +41,10 @@ from clickrelay.storage.base import (
     ContactClicks,
     ContactPage,
     CursorError,
+    DeviceClicks,
     EndpointStats,
     LinkSummary,
+    Period,
     Store,
     StoreError,
     VariantFigures,
@@ -100,6 +102,8 @@ SEND_REASONS = {
     "dkim": "Carries a DKIM-Signature that rewriting would break: give clickrelay the "
     "domain's key ([[dkim]]) or sign after clickrelay (at the upstream) to track these.",
     "no_html": "No HTML part: nothing to rewrite.",
+    "no_links": "No trackable link in its HTML: forwarded without tracking links (with the "
+    "open pixel only, if opens were asked for). Links not tracked, below, says why.",
     "error": "Could not be rewritten safely (undecodable HTML, storage or internal error); "
     "forwarded untouched. The log says which.",
 }
@@ -113,11 +117,17 @@ class Bucket:
     bot: int
 
 
-def timeline(report: CampaignReport, now: float) -> list[Bucket]:
-    """Clicks per hour for the first 48 hours after the first send, per day after that."""
-    first = int(report.summary.first_send_at // 3600)
+MIN_HOURS = 24  # a chart spans a day at least: one hour of clicks is a bar, not the whole width
+
+
+def timeline(report: CampaignReport, now: float, period: Period | None = None) -> list[Bucket]:
+    """Clicks per hour for the first 48 hours (from the first send, or the period's start),
+    per day after that, up to now (or the period's end); a day at least."""
+    start = report.summary.first_send_at if period is None else period.since
+    end = now if period is None else min(now, period.until - 1)
+    first = int(start // 3600)
     counts = {hour: (human, bot) for hour, human, bot in report.hours}
-    last = max([int(now // 3600), *counts]) if counts else first
+    last = max([int(end // 3600), first + MIN_HOURS - 1, *counts])
     buckets, hour = [], first
     while hour <= last and len(buckets) < 48 + 366:
         width = 1 if hour < first + 48 else 24
@@ -146,7 +156,18 @@ def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[st
                      "label": _bucket_label(b), "human": b.human, "bot": b.bot})  # fmt: skip
     values = (0, scale // 2, scale) if scale % 2 == 0 else (0, scale)
     ticks = [{"y": round(height - height * v / scale, 2), "value": v} for v in values]
-    return {"width": width, "height": height, "bars": bars, "ticks": ticks}
+    step = math.ceil(len(buckets) / MAX_TIME_LABELS)
+    times = [{"x": bar["x"], "label": _axis_label(b)}
+             for bar, b in list(zip(bars, buckets, strict=True))[::step]]  # fmt: skip
+    return {"width": width, "height": height, "bars": bars, "ticks": ticks, "times": times}
+
+
+MAX_TIME_LABELS = 8
+
+
+def _axis_label(bucket: Bucket) -> str:
+    start = datetime.fromtimestamp(bucket.start, UTC)
+    return start.strftime("%b %d %H:00" if bucket.hours == 1 else "%b %d")
 
 
 def _nice(value: int) -> int:
@@ -198,12 +219,16 @@ def variant_json(figures: VariantFigures) -> dict[str, Any]:
     return dict(zip(VARIANT_FIELDS, values, strict=True))
 
 
-def report_json(report: CampaignReport) -> dict[str, Any]:
+def report_json(report: CampaignReport, period: Period | None = None) -> dict[str, Any]:
+    """A campaign's report; for a period, its `from` and `to` too, and no opens (null): opens are
+    kept as counts without times."""
+    opens = report.opens
     return {
         **campaign_json(report.summary),
-        "opens": report.opens.opens,
-        "unique_opens": report.opens.unique_opens,
-        "machine_opens": report.opens.machine_opens,
+        **({} if period is None else period_json(period)),
+        "opens": opens and opens.opens,
+        "unique_opens": opens and opens.unique_opens,
+        "machine_opens": opens and opens.machine_opens,
         "click_to_open_rate": report.click_to_open_rate,
         "variants": [variant_json(v) for v in report.variants],
         "links": [link_json(link, report) for link in report.links],
@@ -211,7 +236,76 @@ def report_json(report: CampaignReport) -> dict[str, Any]:
             {"url": u.url, "reason": u.reason, "count": u.count} for u in report.untracked
         ],
         "messages_by_decision": _decisions(report),
+        "devices": [device_json(d) for d in report.devices],
     }
+
+
+DEVICE_FIELDS = ["device", "os", "client", "clicks"]
+
+
+def device_json(device: DeviceClicks) -> dict[str, Any]:
+    return dict(zip(DEVICE_FIELDS, astuple(device), strict=True))
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    device: str
+    clicks: int
+    share: float
+
+
+def device_types(devices: list[DeviceClicks]) -> list[DeviceShare]:
+    """Human clicks by device type, most first: the campaign page's device chart."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d.device] = counts.get(d.device, 0) + d.clicks
+    total = sum(counts.values())
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [DeviceShare(kind, n, rate(n, total)) for kind, n in ranked]
+
+
+def period_json(period: Period) -> dict[str, str]:
+    """The period as the query gave it: its first and last day (both included)."""
+    first, last = _days(period)
+    return {"from": first, "to": last}
+
+
+def _days(period: Period) -> tuple[str, str]:
+    first = datetime.fromtimestamp(period.since, UTC).date().isoformat()
+    last = datetime.fromtimestamp(period.until - 86400, UTC).date().isoformat()
+    return first, last
+
+
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(9999, 12, 30)
+
+
+def period_of(request: web.Request) -> Period | None:
+    """`?from=` and `?to=`: ISO dates (UTC), both days included; either may be left out.
+    400 for anything else, or a `to` before `from`."""
+    since, until = request.query.get("from", ""), request.query.get("to", "")
+    if not since and not until:
+        return None
+    first, last = _day(since, FIRST_DAY), _day(until, LAST_DAY)
+    if last < first:
+        raise web.HTTPBadRequest(text="Bad request: to is before from.\n")
+    start = datetime.combine(first, datetime.min.time(), UTC).timestamp()
+    end = datetime.combine(last, datetime.min.time(), UTC).timestamp() + 86400
+    return Period(start, end)
+
+
+def _day(text: str, default: date) -> date:
+    if not text:
+        return default
+    try:
+        day = date.fromisoformat(text) if text.isascii() and len(text) <= 10 else None
+    except ValueError:
+        day = None
+    if day is None or not FIRST_DAY <= day <= LAST_DAY:
+        raise web.HTTPBadRequest(
+            text="Bad request: from and to are dates like 2026-12-31 (UTC, both included).\n"
+        )
+    return day
 
 
 @dataclass(frozen=True)
@@ -485,6 +579,7 @@ class Reports:
                 ("/reports" + campaign + "/export.csv", self.links_csv),
                 ("/reports" + campaign + "/untracked/export.csv", self.untracked_csv),
                 ("/reports" + campaign + "/variants/export.csv", self.variants_csv),
+                ("/reports" + campaign + "/devices/export.csv", self.devices_csv),
                 ("/reports" + link, self.link_page),
                 ("/reports" + link + "/export.csv", self.contacts_csv),
                 ("/api/campaigns", self.campaigns_api),
@@ -508,7 +603,10 @@ class Reports:
         return await self.store.campaigns(search, sort, descending), sort, descending
 
     async def _report(self, request: web.Request) -> CampaignReport:
-        report = await self.store.campaign_report(request.match_info["campaign_id"])
+        """The campaign of the path, for `?from=&to=` when given."""
+        report = await self.store.campaign_report(
+            request.match_info["campaign_id"], period_of(request)
+        )
         if report is None:
             raise web.HTTPNotFound(text="No such campaign.\n")
         return report
@@ -570,11 +668,13 @@ class Reports:
 
     async def campaign_page(self, request: web.Request) -> web.Response:
         report = await self._report(request)
+        period = period_of(request)
         links, sort, descending = self._links(request, report)
         return self._render(
             "campaign.html", report=report, summary=report.summary, links=links, sort=sort,
-            descending=descending, chart=chart(timeline(report, time.time())),
-            variants=side_by_side(report.variants),
+            descending=descending, chart=chart(timeline(report, time.time(), period)),
+            variants=side_by_side(report.variants), device_types=device_types(report.devices),
+            period=period and period_json(period), range_query=_range_query(request),
             link_reasons=LINK_REASONS, send_reasons=SEND_REASONS, sends=_decisions(report),
             refused=sum(n for (_, o), n in report.sends.items() if o in ("refused", "deferred")),
         )  # fmt: skip
@@ -596,7 +696,8 @@ class Reports:
         return web.json_response({"campaigns": [campaign_json(c) for c in campaigns]})
 
     async def campaign_api(self, request: web.Request) -> web.Response:
-        return web.json_response(report_json(await self._report(request)))
+        report = await self._report(request)
+        return web.json_response(report_json(report, period_of(request)))
 
     async def contacts_api(self, request: web.Request) -> web.Response:
         limit = min(max(_int(request.query.get("limit"), API_PAGE_SIZE), 1), API_PAGE_SIZE)
@@ -666,6 +767,11 @@ class Reports:
         header = ["link_id", "url", "label", *VARIANT_FIELDS]
         return csv_response(name, header, variant_rows(report))
 
+    async def devices_csv(self, request: web.Request) -> web.Response:
+        report = await self._report(request)
+        rows = [astuple(d) for d in report.devices]
+        return csv_response(f"{report.summary.campaign_id}-devices.csv", DEVICE_FIELDS, rows)
+
     async def untracked_csv(self, request: web.Request) -> web.Response:
         report = await self._report(request)
         rows = [[u.url, u.reason, u.count] for u in report.untracked]
@@ -695,6 +801,12 @@ class Reports:
                 break
             after = page.next_cursor
         return csv_response(f"link-{page.link.link_id}-contacts.csv", CONTACT_FIELDS, rows)
+
+
+def _range_query(request: web.Request) -> str:
+    """`?from=...&to=...` as given (checked by `period_of`), for the page's links to keep."""
+    kept = {k: request.query[k] for k in ("from", "to") if request.query.get(k)}
+    return "?" + urlencode(kept) if kept else ""
 
 
 def _int(text: str | None, default: int) -> int:

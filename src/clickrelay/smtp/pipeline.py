@@ -180,8 +180,12 @@ class MessagePipeline:
                 return None
         keys, untracked = plan.tracked_links, plan.untracked
         prepared.tracked, prepared.skipped = len(keys), sum(untracked.values())
+        if not keys:
+            prepared.decision = "no_links"  # its links not tracked are recorded, with why
         recorded = await self.store.record_send(self._send(prepared, keys, untracked))
         prepared.send_id = recorded.send_id
+        if not keys and not prepared.control.track_opens:
+            return None
         sign, base, ids = self.signer.sign, self.rules.tracking_prefix, recorded.link_ids
 
         def tracking_url(key: LinkKey, kind: Kind) -> str:

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -27,6 +27,7 @@ __all__ = [
     "ContactPage",
     "CursorError",
     "Delivery",
+    "DeviceClicks",
     "EndpointStats",
     "Erased",
     "Event",
@@ -39,6 +40,7 @@ __all__ = [
     "NewOpen",
     "NewSend",
     "OpenFigures",
+    "Period",
     "RecordedSend",
     "ReportRows",
     "Store",
@@ -113,6 +115,7 @@ class NewClick:
     method: str
     bot_reason: str | None  # None for a human click
     part: str = "html"  # the part of the mail its link was in: "html" or "text"
+    device: tuple[str, str, str] | None = None  # (type, OS, client) from the user agent
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,16 @@ class OpenFigures:
 
 
 @dataclass(frozen=True)
+class DeviceClicks:
+    """Human clicks from one kind of device: `unknown` for clicks stored before devices were."""
+
+    device: str  # "mobile", "tablet", "desktop", "other" or "unknown"
+    os: str
+    client: str  # the browser or mail client
+    clicks: int
+
+
+@dataclass(frozen=True)
 class UntrackedLink:
     url: str
     reason: str
@@ -198,12 +211,15 @@ class CampaignReport:
     untracked: list[UntrackedLink]
     sends: dict[tuple[str, str], int]  # (decision, outcome) -> messages
     hours: list[tuple[int, int, int]]  # (hour since the epoch, human clicks, bot clicks)
-    opens: OpenFigures = OpenFigures(0, 0, 0)
+    opens: OpenFigures | None = OpenFigures(0, 0, 0)  # None for a period: kept without times
     variants: list[VariantFigures] = field(default_factory=list)  # none: not an A/B test
     link_variants: dict[int, list[VariantFigures]] = field(default_factory=dict)  # by link id
+    devices: list[DeviceClicks] = field(default_factory=list)  # most clicks first
 
     @property
-    def click_to_open_rate(self) -> float:
+    def click_to_open_rate(self) -> float | None:
+        if self.opens is None:
+            return None
         return rate(self.summary.unique_clicks, self.opens.unique_opens)
 
 
@@ -316,8 +332,11 @@ class Store(Protocol):
         """Campaigns with their figures, every click stored so far counted; `sort`: one of
         CAMPAIGN_SORTS."""
 
-    async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
-        """The campaign's figures, every click stored so far counted."""
+    async def campaign_report(
+        self, campaign_id: str, period: Period | None = None
+    ) -> CampaignReport | None:
+        """The campaign's figures, every click stored so far counted (only those of `period`,
+        and the sends made before its end, when one is given)."""
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
@@ -437,6 +456,29 @@ class ReportRows:
     variant_sends: Rows = ()  # empty when the campaign is no A/B test
     variant_clicks: Rows = ()
     variant_links: Rows = ()
+    devices: Rows = ()
+
+
+@dataclass(frozen=True)
+class Period:
+    """A time range of a report: `since` <= time < `until` (epoch seconds)."""
+
+    since: float
+    until: float
+
+
+async def read_report(
+    summary: Mapping[str, Any], sql: ReportSQL, fetch: Callable[[str], Awaitable[Rows]]
+) -> CampaignReport:
+    """The report of the campaign of `summary` (its row), each query of `sql` run by `fetch`."""
+    figures = (await fetch(sql.figures))[0] if sql.figures else {}
+    variants = await fetch(sql.variant_sends)
+    return report_of(ReportRows(
+        {**summary, **figures}, await fetch(sql.links), await fetch(sql.untracked),
+        await fetch(sql.sends), await fetch(sql.hours), (await fetch(sql.opens))[0], variants,
+        await fetch(sql.variant_clicks) if variants else [],
+        await fetch(sql.variant_links) if variants else [], await fetch(sql.devices),
+    ))  # fmt: skip
 
 
 def report_of(rows: ReportRows) -> CampaignReport:
@@ -448,10 +490,13 @@ def report_of(rows: ReportRows) -> CampaignReport:
         untracked=[UntrackedLink(r["url"], r["reason"], r["count"]) for r in rows.untracked],
         sends={(r["decision"], r["outcome"]): r["n"] for r in rows.sends},
         hours=[(r["hour"], r["human"], r["bot"]) for r in rows.hours],
-        opens=OpenFigures(opens["opens"], opens["unique_opens"], opens["machine_opens"]),
+        opens=None if opens["opens"] is None
+        else OpenFigures(opens["opens"], opens["unique_opens"], opens["machine_opens"]),
         variants=variants,
         link_variants=link_variants,
-    )
+        devices=[DeviceClicks(r["device"], r["os"], r["client"], r["clicks"])
+                 for r in rows.devices],
+    )  # fmt: skip
 
 
 def _variants_of(rows: ReportRows) -> tuple[list[VariantFigures], dict[int, list[VariantFigures]]]:
@@ -473,34 +518,74 @@ def _variants_of(rows: ReportRows) -> tuple[list[VariantFigures], dict[int, list
 
 
 class ReportSQL(NamedTuple):
-    """The report queries both backends share, with the backend's placeholder for the
-    campaign's row id (`report_sql`)."""
+    """The queries of a campaign report after its summary row, in `ReportRows` order: the same
+    on both backends but for their `Dialect`."""
 
+    figures: str | None  # for a period: the summary's figures within it (None: the summary's)
+    links: str
+    untracked: str
+    sends: str
+    hours: str
     opens: str
     variant_sends: str
     variant_clicks: str
     variant_links: str
+    devices: str
 
 
-def report_sql(campaign: str) -> ReportSQL:
-    """Opens come from the per-contact open counts. A contact's clicks on a link count for the
-    variant of its latest send of the campaign (the per-contact click counters keep that
-    send): an A/B test sends each contact one variant."""
+class Dialect(NamedTuple):
+    """A backend's placeholders for the campaign's row id and a period's bounds, and how it
+    writes a click's hour since the epoch (`{t}`: the clicks table's name)."""
+
+    campaign: str
+    since: str
+    until: str
+    hour: str
+
+
+# A click's device as the counters keep it: (column, what a click stored before devices has).
+DEVICE_COLUMNS = (("device", "unknown"), ("os", "Unknown"), ("client", "Unknown"))
+
+
+def device_of(table: str, named: bool = True) -> str:
+    """The device columns of `table`'s row (SQL) with their defaults, named or as a row value."""
+    return ", ".join(f"coalesce({table}.{name}, '{default}')" + (f" AS {name}" if named else "")
+                     for name, default in DEVICE_COLUMNS)  # fmt: skip
+
+
+# Links with their figures, from the counters (`link_of` reads a row).
+LINKS = """
+    SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
+        coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
+        coalesce(ls.text_clicks, 0) AS text
+    FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
+
+
+def report_sql(d: Dialect) -> ReportSQL:
+    """The whole campaign, from the counter tables. Opens come from the per-contact open
+    counts. A contact's clicks on a link count for the variant of its latest send of the
+    campaign (the per-contact click counters keep that send): an A/B test sends each contact
+    one variant."""
     clicked = f"""
         FROM link_contacts lc JOIN sends s ON s.id = lc.send_id
-        WHERE lc.link_id IN (SELECT id FROM links WHERE campaign_id = {campaign})
+        WHERE lc.link_id IN (SELECT id FROM links WHERE campaign_id = {d.campaign})
             AND s.variant IS NOT NULL AND lc.human_clicks > 0"""  # noqa: S608 (constants)
     return ReportSQL(
+        figures=None,
+        links=f"{LINKS} WHERE l.campaign_id = {d.campaign} ORDER BY total DESC, l.id",
+        untracked=_untracked(d),
+        sends=f"""
+            SELECT decision, outcome, n FROM campaign_sends
+            WHERE campaign_id = {d.campaign} AND n > 0""",  # noqa: S608
+        hours=f"""
+            SELECT hour, human, bot FROM click_hours WHERE campaign_id = {d.campaign}
+            ORDER BY hour""",  # noqa: S608
         opens=f"""
             SELECT CAST(coalesce(sum(human_opens), 0) AS bigint) AS opens,
                 count(CASE WHEN human_opens > 0 THEN 1 END) AS unique_opens,
                 CAST(coalesce(sum(machine_opens), 0) AS bigint) AS machine_opens
-            FROM open_contacts WHERE campaign_id = {campaign}""",  # noqa: S608
-        variant_sends=f"""
-            SELECT s.variant, count(*) AS n FROM sends s
-            WHERE s.campaign_id = {campaign} AND s.variant IS NOT NULL
-                AND {counts_as_sent("s")}
-            GROUP BY s.variant""",  # noqa: S608
+            FROM open_contacts WHERE campaign_id = {d.campaign}""",  # noqa: S608
+        variant_sends=_variant_sends(d, ""),
         variant_clicks=f"""
             SELECT s.variant, CAST(sum(lc.human_clicks) AS bigint) AS total,
                 count(DISTINCT lc.contact_key) AS uniq {clicked} GROUP BY s.variant""",
@@ -508,7 +593,75 @@ def report_sql(campaign: str) -> ReportSQL:
             SELECT s.variant, lc.link_id, CAST(sum(lc.human_clicks) AS bigint) AS total,
                 count(*) AS uniq
             {clicked} GROUP BY s.variant, lc.link_id""",
+        devices=f"""
+            SELECT device, os, client, human AS clicks FROM device_stats
+            WHERE campaign_id = {d.campaign} AND human > 0
+            ORDER BY human DESC, device, os, client""",  # noqa: S608
     )
+
+
+def period_sql(d: Dialect) -> ReportSQL:
+    """A period of the campaign (`since` <= time < `until`), from the click and send rows: its
+    clicks, and the sends made before its end (the mail that could be clicked in it). Opens are
+    kept as counts without times: none in a period. Untracked links are the campaign's."""
+    clicks = f"""
+        FROM clicks k WHERE k.campaign_id = {d.campaign}
+            AND k.clicked_at >= {d.since} AND k.clicked_at < {d.until}"""
+    human = "count(CASE WHEN k.bot_reason IS NULL THEN 1 END)"
+    contacts = "count(DISTINCT CASE WHEN k.bot_reason IS NULL THEN k.contact_key END)"
+    bots = "count(k.bot_reason)"
+    sent = f"FROM sends s WHERE s.campaign_id = {d.campaign} AND s.sent_at < {d.until}"
+    by_variant = (
+        clicks.replace("FROM clicks k", "FROM clicks k JOIN sends s ON s.id = k.send_id")
+        + " AND k.bot_reason IS NULL AND s.variant IS NOT NULL"
+    )
+    hour = d.hour.format(t="k")
+    return ReportSQL(
+        figures=f"""
+            SELECT (SELECT count(*) {sent} AND {counts_as_sent("s")}) AS tracked_sends,
+                {human} AS total_clicks, {contacts} AS unique_clicks, {bots} AS bot_clicks
+            {clicks}""",
+        links=f"""
+            SELECT l.id, l.url, l.label, coalesce(k.total, 0) AS total,
+                coalesce(k.uniq, 0) AS uniq, coalesce(k.bots, 0) AS bots,
+                coalesce(k.text, 0) AS text
+            FROM links l LEFT JOIN (
+                SELECT k.link_id, {human} AS total, {contacts} AS uniq, {bots} AS bots,
+                    count(CASE WHEN k.bot_reason IS NULL AND k.part = 'text' THEN 1 END) AS text
+                {clicks} GROUP BY k.link_id) k ON k.link_id = l.id
+            WHERE l.campaign_id = {d.campaign} ORDER BY total DESC, l.id""",  # noqa: S608
+        untracked=_untracked(d),
+        sends=f"SELECT s.decision, s.outcome, count(*) AS n {sent} GROUP BY s.decision, s.outcome",
+        hours=f"""
+            SELECT {hour} AS hour, {human} AS human, {bots} AS bot {clicks}
+            GROUP BY {hour} ORDER BY hour""",
+        opens="SELECT NULL AS opens, NULL AS unique_opens, NULL AS machine_opens",
+        variant_sends=_variant_sends(d, f" AND s.sent_at < {d.until}"),
+        variant_clicks=f"""
+            SELECT s.variant, count(*) AS total, count(DISTINCT k.contact_key) AS uniq
+            {by_variant} GROUP BY s.variant""",
+        variant_links=f"""
+            SELECT s.variant, k.link_id, count(*) AS total, count(DISTINCT k.contact_key) AS uniq
+            {by_variant} GROUP BY s.variant, k.link_id""",
+        devices=f"""
+            SELECT device, os, client, count(*) AS clicks FROM (
+                SELECT {device_of("k")} {clicks} AND k.bot_reason IS NULL) d
+            GROUP BY device, os, client ORDER BY clicks DESC, device, os, client""",  # noqa: S608
+    )
+
+
+def _untracked(d: Dialect) -> str:
+    return f"""
+        SELECT url, reason, count FROM untracked_links WHERE campaign_id = {d.campaign}
+        ORDER BY count DESC, reason, url"""  # noqa: S608 (constants)
+
+
+def _variant_sends(d: Dialect, before: str) -> str:
+    return f"""
+        SELECT s.variant, count(*) AS n FROM sends s
+        WHERE s.campaign_id = {d.campaign} AND s.variant IS NOT NULL
+            AND {counts_as_sent("s")}{before}
+        GROUP BY s.variant"""  # noqa: S608 (constants)
 
 
 def contact_page(link: LinkSummary, rows: Sequence[Mapping[str, Any]], limit: int) -> ContactPage:

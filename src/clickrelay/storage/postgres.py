@@ -19,8 +19,10 @@ What several writers need, and how it is done:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -31,12 +33,14 @@ import asyncpg
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
     EVENT_KINDS,
+    LINKS,
     MAX_ID,
     Audience,
     CampaignReport,
     CampaignSummary,
     ContactPage,
     Delivery,
+    Dialect,
     EndpointStats,
     Erased,
     EventPage,
@@ -46,8 +50,8 @@ from clickrelay.storage.base import (
     NewClick,
     NewOpen,
     NewSend,
+    Period,
     RecordedSend,
-    ReportRows,
     StoreError,
     audience_of,
     cleaned,
@@ -57,6 +61,7 @@ from clickrelay.storage.base import (
     decode_cursor,
     decode_event_cursor,
     delivery_state,
+    device_of,
     encode_event_cursor,
     endpoint_stats,
     erasure_keys,
@@ -65,7 +70,8 @@ from clickrelay.storage.base import (
     fan_out_size,
     like_pattern,
     link_of,
-    report_of,
+    period_sql,
+    read_report,
     report_sql,
     settled,
     storable,
@@ -303,6 +309,29 @@ MIGRATIONS: list[list[str]] = [
             human_opens bigint NOT NULL, machine_opens bigint NOT NULL,
             PRIMARY KEY (campaign_id, contact_key))""",
     ],
+    [  # 6: devices, time ranges, as SQLite's.
+        "ALTER TABLE clicks ADD COLUMN device text",
+        "ALTER TABLE clicks ADD COLUMN os text",
+        "ALTER TABLE clicks ADD COLUMN client text",
+        """CREATE TABLE device_stats (
+            campaign_id bigint NOT NULL, device text NOT NULL, os text NOT NULL,
+            client text NOT NULL, human bigint NOT NULL,
+            PRIMARY KEY (campaign_id, device, os, client))""",
+        """INSERT INTO device_stats
+            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', count(*) FROM clicks
+            WHERE bot_reason IS NULL AND rolled GROUP BY campaign_id""",
+        f"""CREATE FUNCTION move_device_to_bots() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE device_stats SET human = human - 1 WHERE campaign_id = NEW.campaign_id
+                AND ({device_of("NEW", named=False)}) = (device, os, client);
+            RETURN NULL;
+        END $$""",  # noqa: S608 (constants)
+        """CREATE TRIGGER device_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+            FOR EACH ROW WHEN (OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
+                AND OLD.rolled)
+            EXECUTE FUNCTION move_device_to_bots()""",
+        "CREATE INDEX clicks_by_campaign ON clicks (campaign_id, clicked_at)",
+    ],
 ]
 # Events whose transactions are over, with none older still running (see migration 2).
 _SETTLED_XACT = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -320,15 +349,16 @@ _KINDS_AFTER = f"""
 _ROLL_BATCH = [
     """CREATE TEMP TABLE IF NOT EXISTS roll_batch (
         campaign_id bigint, link_id bigint, send_id bigint, contact_key text,
-        clicked_at double precision, human integer, bot integer, text integer)
+        clicked_at double precision, human integer, bot integer, text integer,
+        device text, os text, client text)
         ON COMMIT DELETE ROWS""",
-    """WITH batch AS (
+    f"""WITH batch AS (
         UPDATE clicks SET rolled = true WHERE id IN (
             SELECT id FROM clicks WHERE NOT rolled ORDER BY id LIMIT $1)
         RETURNING campaign_id, link_id, send_id, contact_key, clicked_at,
             (bot_reason IS NULL)::integer, (bot_reason IS NOT NULL)::integer,
-            (bot_reason IS NULL AND part = 'text')::integer)
-    INSERT INTO roll_batch SELECT * FROM batch""",
+            (bot_reason IS NULL AND part = 'text')::integer, {device_of("clicks")})
+    INSERT INTO roll_batch SELECT * FROM batch""",  # noqa: S608 (constants)
 ]
 # The stats rows go first: the triggers on the *_contacts tables count unique clickers into them.
 _ROLL_UP = [
@@ -357,6 +387,10 @@ _ROLL_UP = [
         bot_clicks = t.bot_clicks + excluded.bot_clicks, send_id = excluded.send_id,
         first_click = least(t.first_click, excluded.first_click),
         last_click = greatest(t.last_click, excluded.last_click)""",
+    """INSERT INTO device_stats AS t (campaign_id, device, os, client, human)
+    SELECT campaign_id, device, os, client, sum(human) FROM roll_batch WHERE human = 1
+    GROUP BY campaign_id, device, os, client
+    ON CONFLICT (campaign_id, device, os, client) DO UPDATE SET human = t.human + excluded.human""",
     """INSERT INTO click_hours AS t (campaign_id, hour, human, bot)
     SELECT campaign_id, floor(clicked_at / 3600) AS hour, sum(human), sum(bot)
     FROM roll_batch GROUP BY campaign_id, hour
@@ -426,13 +460,15 @@ _PRUNE = [
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason, part)
+                        method, bot_reason, part, device, os, client)
     SELECT s.campaign_id, l.id, s.id,
         {_CONTACT_KEY}, c.clicked_at, CASE WHEN NOT s.anonymous THEN c.ip END,
-        CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason, c.part
+        CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason, c.part,
+        c.device, c.os, c.client
     FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[]) WITH ORDINALITY
-        AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, part, n)
+                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) WITH ORDINALITY
+        AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, part, device, os,
+             client, n)
     JOIN sends s ON s.id = c.send_id
     JOIN links l ON l.id = c.link_id AND l.campaign_id = s.campaign_id
     ORDER BY c.n"""  # noqa: S608 (ids, and events, in the order the clicks came)
@@ -459,12 +495,9 @@ _SUMMARY = f"""
         coalesce(st.bot_clicks, 0) AS bot_clicks
     FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id) summary"""  # noqa: S608
 
-_LINKS = """
-    SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
-        coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
-        coalesce(ls.text_clicks, 0) AS text
-    FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
-_REPORT = report_sql("$1")
+_DIALECT = Dialect(":campaign", ":since", ":until", "floor({t}.clicked_at / 3600)::bigint")
+_REPORT = report_sql(_DIALECT)
+_PERIOD = period_sql(_DIALECT)
 
 _ORDER = {  # CAMPAIGN_SORTS
     "last_send": "last_send_at",
@@ -680,8 +713,8 @@ class PostgresStore:
         # One statement for the whole batch (its rows as arrays). The counters follow (`RollUps`).
         columns = _columns(
             [(c.send_id, c.link_id, c.clicked_at, c.ip, cleaned(c.user_agent), c.method,
-              c.bot_reason, c.part) for c in clicks],
-            8,
+              c.bot_reason, c.part, *(c.device or (None, None, None))) for c in clicks],
+            11,
         )  # fmt: skip
 
         async def work(con: asyncpg.Connection) -> None:
@@ -734,36 +767,24 @@ class PostgresStore:
         )  # fmt: skip
         return [summary_of(row) for row in rows]
 
-    async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
+    async def campaign_report(
+        self, campaign_id: str, period: Period | None = None
+    ) -> CampaignReport | None:
         if not storable(campaign_id):
             return None
         await self._rollups.catch_up()
         rows = await self._fetch(f"{_SUMMARY} WHERE campaign_key = $1", campaign_id)
         if not rows:
             return None
-        db_id = rows[0]["id"]
-        links = await self._fetch(
-            f"{_LINKS} WHERE l.campaign_id = $1 ORDER BY total DESC, l.id", db_id
-        )
-        untracked = await self._fetch(
-            "SELECT url, reason, count FROM untracked_links WHERE campaign_id = $1"
-            " ORDER BY count DESC, reason, url",
-            db_id,
-        )
-        sends = await self._fetch(
-            "SELECT decision, outcome, n FROM campaign_sends WHERE campaign_id = $1 AND n > 0",
-            db_id,
-        )
-        hours = await self._fetch(
-            "SELECT hour, human, bot FROM click_hours WHERE campaign_id = $1 ORDER BY hour", db_id
-        )
-        opens = (await self._fetch(_REPORT.opens, db_id))[0]
-        variants = await self._fetch(_REPORT.variant_sends, db_id)
-        clicks = await self._fetch(_REPORT.variant_clicks, db_id) if variants else []
-        by_link = await self._fetch(_REPORT.variant_links, db_id) if variants else []
-        return report_of(
-            ReportRows(rows[0], links, untracked, sends, hours, opens, variants, clicks, by_link)
-        )
+        values = {"campaign": rows[0]["id"]}
+        if period is not None:
+            values.update(since=period.since, until=period.until)
+
+        async def fetch(sql: str) -> list[asyncpg.Record]:
+            numbered, names = _numbered(sql)
+            return await self._fetch(numbered, *(values[name] for name in names))
+
+        return await read_report(rows[0], _REPORT if period is None else _PERIOD, fetch)
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
@@ -774,7 +795,7 @@ class PostgresStore:
         if not after:
             await self._rollups.catch_up()
         links = await self._fetch(
-            f"{_LINKS} JOIN campaigns c ON c.id = l.campaign_id"
+            f"{LINKS} JOIN campaigns c ON c.id = l.campaign_id"
             " WHERE l.id = $1 AND c.campaign_key = $2",
             link_id, campaign_id,
         )  # fmt: skip
@@ -969,6 +990,23 @@ class PostgresStore:
             return changed
 
         return await self._in_transaction(work)
+
+
+_NAMED = re.compile(r"(?<!:):([a-z_]+)\b")
+
+
+@functools.cache
+def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`sql` with its :name parameters as $1, $2, ... and the names in that order (asyncpg
+    takes exactly the parameters a statement uses, by number)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -24,12 +24,14 @@ import aiosqlite
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
     EVENT_KINDS,
+    LINKS,
     MAX_ID,
     Audience,
     CampaignReport,
     CampaignSummary,
     ContactPage,
     Delivery,
+    Dialect,
     EndpointStats,
     Erased,
     EventPage,
@@ -39,8 +41,8 @@ from clickrelay.storage.base import (
     NewClick,
     NewOpen,
     NewSend,
+    Period,
     RecordedSend,
-    ReportRows,
     StoreError,
     audience_of,
     contact_page,
@@ -49,6 +51,7 @@ from clickrelay.storage.base import (
     decode_cursor,
     decode_event_cursor,
     delivery_state,
+    device_of,
     encode_event_cursor,
     endpoint_stats,
     erasure_keys,
@@ -57,7 +60,8 @@ from clickrelay.storage.base import (
     fan_out_size,
     like_pattern,
     link_of,
-    report_of,
+    period_sql,
+    read_report,
     report_sql,
     settled,
     storable,
@@ -271,6 +275,30 @@ MIGRATIONS: list[list[str]] = [
             human_opens INTEGER NOT NULL, machine_opens INTEGER NOT NULL,
             PRIMARY KEY (campaign_id, contact_key))""",
     ],
+    [  # 6: devices, time ranges. A click keeps its device coarsely (type, OS family, client
+        # family); device_stats counts human clicks by device (the clicks counted before this
+        # migration as "unknown"). Clicks by campaign and time, for the figures of a range.
+        "ALTER TABLE clicks ADD COLUMN device TEXT",
+        "ALTER TABLE clicks ADD COLUMN os TEXT",
+        "ALTER TABLE clicks ADD COLUMN client TEXT",
+        """CREATE TABLE device_stats (
+            campaign_id INTEGER NOT NULL, device TEXT NOT NULL, os TEXT NOT NULL,
+            client TEXT NOT NULL, human INTEGER NOT NULL,
+            PRIMARY KEY (campaign_id, device, os, client))""",
+        """INSERT INTO device_stats
+            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', count(*) FROM clicks
+            WHERE bot_reason IS NULL
+                AND id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
+            GROUP BY campaign_id""",
+        f"""CREATE TRIGGER device_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+        WHEN OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
+            AND NEW.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
+        BEGIN
+            UPDATE device_stats SET human = human - 1 WHERE campaign_id = NEW.campaign_id
+                AND ({device_of("NEW", named=False)}) = (device, os, client);
+        END""",  # noqa: S608 (constants)
+        "CREATE INDEX clicks_by_campaign ON clicks (campaign_id, clicked_at)",
+    ],
 ]
 # The key a send's clicks are counted under: its contact, or the send itself.
 _CONTACT_KEY = "coalesce(s.erased_key, s.contact_id, '#' || s.id)"
@@ -320,6 +348,11 @@ _ROLL_UP = [
                                excluded.first_click),
         last_click = coalesce(max(last_click, excluded.last_click), last_click,
                               excluded.last_click)""",
+    f"""INSERT INTO device_stats (campaign_id, device, os, client, human)
+    SELECT campaign_id, {device_of("clicks")}, count(*)
+    FROM clicks, roll_range WHERE id > last AND id <= top AND bot_reason IS NULL
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT DO UPDATE SET human = human + excluded.human""",  # noqa: S608 (constants)
     """INSERT INTO click_hours (campaign_id, hour, human, bot)
     SELECT campaign_id, CAST(clicked_at / 3600 AS INT) AS hour, sum(bot_reason IS NULL),
         sum(bot_reason IS NOT NULL)
@@ -345,10 +378,11 @@ def _roll_up_script(limit: int) -> str:
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason, part)
+                        method, bot_reason, part, device, os, client)
     SELECT s.campaign_id, l.id, s.id, {_CONTACT_KEY}, c.value ->> 2,
            iif(s.anonymous, NULL, c.value ->> 3), iif(s.anonymous, NULL, c.value ->> 4),
-           c.value ->> 5, c.value ->> 6, c.value ->> 7
+           c.value ->> 5, c.value ->> 6, c.value ->> 7, c.value ->> 8, c.value ->> 9,
+           c.value ->> 10
     FROM json_each(?) c
     JOIN sends s ON s.id = c.value ->> 0
     JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id
@@ -652,7 +686,7 @@ class SQLiteStore:
         # to the database thread, atomic on its own. The report counters follow (`RollUps`).
         rows = json.dumps([
             [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason,
-             c.part]
+             c.part, *(c.device or (None, None, None))]
             for c in clicks
         ])  # fmt: skip
         if not bursts and not opens:
@@ -713,12 +747,9 @@ class SQLiteStore:
             coalesce(st.bot_clicks, 0) AS bot_clicks
         FROM campaigns c LEFT JOIN campaign_stats st ON st.campaign_id = c.id"""  # noqa: S608
 
-    _LINKS = """
-        SELECT l.id, l.url, l.label, coalesce(ls.human_clicks, 0) AS total,
-            coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
-            coalesce(ls.text_clicks, 0) AS text
-        FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
-    _REPORT = report_sql("?")
+    _DIALECT = Dialect(":campaign", ":since", ":until", "CAST({t}.clicked_at / 3600 AS INTEGER)")
+    _REPORT = report_sql(_DIALECT)
+    _PERIOD = period_sql(_DIALECT)
 
     async def campaigns(
         self, search: str | None = None, sort: str = "last_send", descending: bool = True,
@@ -735,36 +766,21 @@ class SQLiteStore:
         )
         return [summary_of(row) for row in rows]
 
-    async def campaign_report(self, campaign_id: str) -> CampaignReport | None:
+    async def campaign_report(
+        self, campaign_id: str, period: Period | None = None
+    ) -> CampaignReport | None:
         await self._rollups.catch_up()
         rows = await self._query(f"{self._SUMMARY} WHERE c.campaign_key = ?", (campaign_id,))
         if not rows:
             return None
-        db_id = rows[0]["id"]
-        links = await self._query(
-            f"{self._LINKS} WHERE l.campaign_id = ? ORDER BY total DESC, l.id", (db_id,)
-        )
-        untracked = await self._query(
-            "SELECT url, reason, count FROM untracked_links WHERE campaign_id = ?"
-            " ORDER BY count DESC, reason, url",
-            (db_id,),
-        )
-        sends = await self._query(
-            "SELECT decision, outcome, n FROM campaign_sends WHERE campaign_id = ? AND n > 0",
-            (db_id,),
-        )
-        hours = await self._query(
-            "SELECT hour, human, bot FROM click_hours WHERE campaign_id = ? ORDER BY hour",
-            (db_id,),
-        )
-        extra = self._REPORT
-        opens = (await self._query(extra.opens, (db_id,)))[0]
-        variants = await self._query(extra.variant_sends, (db_id,))
-        clicks = await self._query(extra.variant_clicks, (db_id,)) if variants else []
-        by_link = await self._query(extra.variant_links, (db_id,)) if variants else []
-        return report_of(
-            ReportRows(rows[0], links, untracked, sends, hours, opens, variants, clicks, by_link)
-        )
+        params = {"campaign": rows[0]["id"]}
+        if period is not None:
+            params.update(since=period.since, until=period.until)
+
+        async def fetch(sql: str) -> list[sqlite3.Row]:
+            return await self._query(sql, params)
+
+        return await read_report(rows[0], self._REPORT if period is None else self._PERIOD, fetch)
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
@@ -775,7 +791,7 @@ class SQLiteStore:
         if not after:
             await self._rollups.catch_up()
         links = await self._query(
-            f"{self._LINKS} JOIN campaigns c ON c.id = l.campaign_id"
+            f"{LINKS} JOIN campaigns c ON c.id = l.campaign_id"
             " WHERE l.id = ? AND c.campaign_key = ?",
             (link_id, campaign_id),
         )

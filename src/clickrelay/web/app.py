@@ -33,6 +33,7 @@ from clickrelay.reports.app import Reports
 from clickrelay.storage.base import NewClick, Store, StoreError
 from clickrelay.tracking.tokens import Kind, Signer
 from clickrelay.tracking.urls import to_uri
+from clickrelay.web import devices
 from clickrelay.web.bots import BotJudge
 from clickrelay.web.opens import OpenService
 from clickrelay.web.recorder import ClickRecorder
@@ -115,9 +116,11 @@ class ClickService:
         )  # fmt: skip
         ip = stored_ip(client_ip(request, self.settings.web.trusted_proxies),
                        self.settings.privacy.store_ip)  # fmt: skip
+        device = devices.describe(user_agent)
         click = NewClick(
             token.send_id, link.link_id, now, ip, (user_agent or "")[:512] or None,
             request.method, verdict.reason, "text" if token.kind is Kind.TEXT else "html",
+            (device.kind, device.os, device.client),
         )  # fmt: skip
         await self.recorder.record(click, verdict.burst_since)
         return web.Response(status=302, headers={**NO_STORE, "Location": to_uri(link.url)})
@@ -158,7 +161,13 @@ def create_app(
     app.router.add_get("/o/{token}", opens.pixel)
     app.router.add_get("/healthz", _healthz(store))
     app.add_routes(Reports(settings, store).routes())
+    app.on_startup.append(_warm_up)
     return app
+
+
+async def _warm_up(app: web.Application) -> None:
+    """Ready the user-agent parser before the first click, off the event loop."""
+    await asyncio.to_thread(devices.warm_up)
 
 
 def runner(app: web.Application, idle_timeout: float = 15.0) -> web.AppRunner:
