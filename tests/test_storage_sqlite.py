@@ -73,6 +73,35 @@ async def test_links_and_clicks_of_schema_3_keep_their_ids_under_labels(tmp_path
     ]  # fmt: skip
 
 
+async def test_clicks_counted_before_devices_count_as_unknown_devices(tmp_path):
+    """Migration 6 on a database at schema 5: its human clicks, counted already (backfilled) or
+    not yet (at the next roll-up), are `unknown` devices; bot clicks are none; new clicks keep
+    their devices."""
+    path = tmp_path / "clickrelay.sqlite3"
+    with sqlite3.connect(path) as db:  # schema 5, as the previous clickrelay made it
+        for statement in [s for migration in MIGRATIONS[:5] for s in migration]:
+            db.execute(statement)
+        db.executescript(
+            "INSERT INTO meta VALUES ('instance', 'old'), ('rolled_up', '2');"
+            "INSERT INTO campaigns VALUES (1, 'c1', NULL, 'standard', 1.0, 1.0);"
+            "INSERT INTO sends (campaign_id, decision, sent_at) VALUES (1, 'tracked', 1.0);"
+            "INSERT INTO links (id, campaign_id, url) VALUES (7, 1, 'https://a.example/');"
+            "INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, method,"
+            " bot_reason) VALUES (1, 7, 1, '#1', 2.0, 'GET', NULL), (1, 7, 1, '#1', 3.0, 'HEAD',"
+            " 'head'), (1, 7, 1, '#1', 4.0, 'GET', NULL);"
+            "PRAGMA user_version = 5;"
+        )
+    store = await open_store(path)
+    try:
+        device = ("mobile", "iOS", "Mobile Safari")
+        await store.add_clicks([NewClick(1, 7, 5.0, None, None, "GET", None, "html", device)])
+        report = await store.campaign_report("c1")
+    finally:
+        await store.close()
+    assert report is not None
+    assert [(d.device, d.clicks) for d in report.devices] == [("unknown", 2), ("mobile", 1)]
+
+
 async def test_two_processes_sharing_the_file_agree_on_link_ids(tmp_path):
     path = tmp_path / "shared.sqlite3"
     one, two = await open_store(path), await open_store(path)
