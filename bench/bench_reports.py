@@ -1,6 +1,7 @@
-"""Report pages at scale: the campaign page and the link page ("who clicked"), and their JSON API
-equivalents, for a campaign of 100,000 sends and 300,000 clicks over 50 links against the same
-shape at 1,000 sends and 3,000 clicks, measured in the same run.
+"""Report pages at scale: the campaign page, the link page ("who clicked"), the click map and
+the comparison with another campaign, and their JSON API equivalents, for a campaign of 100,000
+sends and 300,000 clicks over 50 links (each in two places of the mail) against the same shape
+at 1,000 sends and 3,000 clicks, measured in the same run.
 
 Requests are HTTP GETs with Basic auth to the real aiohttp app on 127.0.0.1 over a real SQLite
 file. Both sizes are served at once and measured in interleaved rounds (every page, both sizes,
@@ -40,6 +41,11 @@ from clickrelay.web.app import create_app, runner
 from clickrelay.web.recorder import ClickRecorder
 
 CAMPAIGN = "bench-2026"
+OTHER = "bench-other"  # a small campaign to compare with
+DEVICES = [
+    ("mobile", "iOS", "Mobile Safari"), ("desktop", "Windows", "Chrome"),
+    ("mobile", "Android", "Chrome Mobile"), ("desktop", "Mac OS X", "Apple Mail"),
+]  # fmt: skip
 LINKS = 50
 CLICKS_PER_SEND = 3
 CLICKER_SHARE = 0.4  # of contacts who click at all
@@ -66,22 +72,37 @@ async def seed(path: Path, sends: int) -> None:
     store = await open_store(path)
     try:
         sent, link_ids = await record_sends(store, sends)
+        await store.keep_html_copy(sent[0][0], newsletter(link_ids))
         clicks = sorted(make_clicks(rng, sent, link_ids, sends * CLICKS_PER_SEND),
                         key=lambda c: c.clicked_at)  # fmt: skip
         for start in range(0, len(clicks), 20_000):
             await store.add_clicks(clicks[start : start + 20_000])
+        other, other_links = await record_sends(store, 10, OTHER)
+        await store.add_clicks(make_clicks(rng, other, other_links, 10))
         await store.roll_up()
     finally:
         await store.close()
 
 
-async def record_sends(store: SQLiteStore, sends: int) -> tuple[list[tuple[int, float]], list[int]]:
+def newsletter(link_ids: list[int]) -> str:
+    """The campaign's HTML copy as the relay keeps it: each link in two places."""
+    places = "".join(
+        f'<tr><td><a href="clickrelay:{link}:0">Item {n}</a> <p>About item {n}.</p>'
+        f'<a href="clickrelay:{link}:1">Buy item {n}</a></td></tr>\n'
+        for n, link in enumerate(link_ids)
+    )
+    return f"<html><head><title>Spring</title></head><body><table>{places}</table></body></html>"
+
+
+async def record_sends(
+    store: SQLiteStore, sends: int, campaign: str = CAMPAIGN
+) -> tuple[list[tuple[int, float]], list[int]]:
     """(send id, sent at) of each send, all within one hour seven days ago; the link ids."""
     first = time.time() - 7 * DAY
     sent, link_ids, started = [], [], time.monotonic()
     for i in range(sends):
         recorded = await store.record_send(NewSend(
-            CAMPAIGN, "Spring sale", "standard", f"contact-{i:06}", f"user{i}@example.com",
+            campaign, "Spring sale", "standard", f"contact-{i:06}", f"user{i}@example.com",
             f"<{i}@bench.example.com>", "tracked", [(url, None) for url in URLS], UNTRACKED,
             sent_at=first + 3600.0 * i / sends,
         ))  # fmt: skip
@@ -106,7 +127,8 @@ def make_clicks(
         bot = rng.random() < BOT_SHARE
         delay = rng.uniform(1, 30) if bot else min(rng.expovariate(1 / (12 * 3600)), 6.5 * DAY)
         clicks.append(NewClick(send_id, link_id, sent_at + delay, f"203.0.113.{rng.randrange(256)}",
-                               AGENT, "GET", "scanner" if bot else None))  # fmt: skip
+                               AGENT, "GET", "scanner" if bot else None, "html",
+                               rng.choice(DEVICES), rng.randrange(2)))  # fmt: skip
     return clicks
 
 
@@ -180,6 +202,10 @@ async def describe(session: aiohttp.ClientSession, base: str, sends: int) -> Ser
         "link page, middle page": f"{link}?after={middle}",
         "campaign API": f"/api/campaigns/{CAMPAIGN}",
         "contacts API, limit 50": f"{link_api}?limit=50",
+        "click map page": f"/reports/campaigns/{CAMPAIGN}/map",
+        "click map frame": f"/reports/campaigns/{CAMPAIGN}/map/frame",
+        "compare page": f"/reports/compare?c={CAMPAIGN}&c={OTHER}",
+        "compare API": f"/api/compare?c={CAMPAIGN}&c={OTHER}",
     }
     info = {"contacts API, limit 1000": link_api}  # min(1000, contacts) rows: not like for like
     return Served(sends, base, paths, info, top["unique_clicks"])

@@ -57,7 +57,7 @@ def campaign_message(html: bytes) -> bytes:
     )
 
 
-def tracking_url(key: object, kind: object) -> str:
+def tracking_url(key: object, kind: object, placement: object) -> str:
     return TRACKING
 
 

@@ -2,7 +2,8 @@
 (bench_smtp.py), link rewriting (bench_rewrite.py), redirects (bench_redirect.py), each against
 its baseline in the same run, DKIM re-signing against the rewrite (bench_dkim.py), durable
 storage on PostgreSQL against SQLite with one and two web nodes (bench_postgres.py), and
-redirects with webhooks configured (bench_webhooks.py).
+redirects with webhooks configured (bench_webhooks.py), report pages at 100k sends against 1k
+(bench_reports.py).
 Prints the machine's description and every bench's output, then writes the figures against
 their targets to bench/RESULTS.md (a "## Notes" section already in that file is kept).
 The defaults keep the whole run to about eight minutes.
@@ -269,6 +270,18 @@ def webhook_rows(section: Section, figures: dict) -> None:
                     f"{flow['events_per_s']:.0f} events/s ({flow['events']} events)")  # fmt: skip
 
 
+def report_rows(section: Section) -> None:
+    pattern = r"^(\S.{25}) +([\d.]+) +([\d.]+) +([\d.]+)x  (ok|MISSED|\(info\))$"
+    found = re.findall(pattern, section.output, re.MULTILINE)
+    if not found:
+        unparsed(section, "report page times")
+    for name, small, large, ratio, verdict in found:
+        info = verdict == "(info)"
+        target, met = ("", None) if info else ("<= 3x and < 300 ms", verdict == "ok")
+        section.add(f"{name.strip()}: ms at 1k sends, at 100k sends",
+                    f"{small}, {large} = {ratio}x", target, met)  # fmt: skip
+
+
 # ---------------------------------------------------------------- RESULTS.md
 
 
@@ -390,6 +403,7 @@ def main() -> None:
             ["--seconds", str(args.redirect_seconds), *rounds],
             timeout=900,
         )
+        reports = Section("Report pages at 100k sends", "bench_reports.py", [], timeout=900)
         benches: list[tuple[Section, list[str], Callable[[Section], None]]] = [
             (smtp, ["--json", str(smtp_json)],
              lambda s: smtp_rows(s, json.loads(smtp_json.read_text()))),
@@ -400,6 +414,7 @@ def main() -> None:
              lambda s: postgres_rows(s, json.loads(postgres_json.read_text()))),
             (hooks, ["--json", str(webhooks_json)],
              lambda s: webhook_rows(s, json.loads(webhooks_json.read_text()))),
+            (reports, [], report_rows),
         ]  # fmt: skip
         for section, extra, figures in benches:
             run(section, extra)
@@ -407,7 +422,7 @@ def main() -> None:
                 figures(section)
             except (OSError, ValueError, KeyError) as exc:
                 unparsed(section, f"figures ({type(exc).__name__}: {exc})")
-    sections = [smtp, rewrite, resign, redirect, postgres, hooks]
+    sections = [smtp, rewrite, resign, redirect, postgres, hooks, reports]
     script = os.path.relpath(Path(sys.argv[0]).resolve(), HERE.parent)
     command = shlex.join(["python", script, *sys.argv[1:]])
     text = markdown(command, started, time.monotonic() - clock, about, sections)

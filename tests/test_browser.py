@@ -133,10 +133,15 @@ async def test_every_report_page_fits_a_390px_screen(settings, tmp_path):
             campaign="autumn-26", urls=(A, LONG), name=NAME, untracked=untracked
         )
         assert (await web.click(send_id, links[LONG])).status == 302
+        copy = f'<p>Hello</p><a href="clickrelay:{links[LONG]}:0">{LONG}</a>'
+        await web.store.keep_html_copy(send_id, copy)
+        await web.send(campaign="winter-26", name="Winter sale with a long name" * 3)
         base = web.base + "/reports"
         pages = {
             "campaigns": base, "campaign": base + "/campaigns/autumn-26",
             "link": base + f"/campaigns/autumn-26/links/{links[LONG]}",
+            "map": base + "/campaigns/autumn-26/map",
+            "compare": base + "/compare?c=autumn-26&c=winter-26",
         }  # fmt: skip
         socket = await web.session.ws_connect(endpoint, max_msg_size=64 * 2**20)
         tools = DevTools(socket)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from clickrelay.config import BotSettings
-from clickrelay.reports.app import chart, timeline
+from clickrelay.reports.app import CAMPAIGN_FIELDS, chart, timeline
 from clickrelay.storage.base import CampaignReport, CampaignSummary, NewClick
 from clickrelay.web.devices import Device, describe
 
@@ -189,3 +189,37 @@ def test_a_chart_of_one_hour_of_clicks_has_a_readable_time_axis():
     xs = [t["x"] for t in drawn["times"]]
     assert xs == sorted(xs) and xs[-1] - xs[0] > drawn["width"] / 2
     assert labels[0] == datetime.fromtimestamp(first_send, UTC).strftime("%b %d %H:00")
+
+
+async def test_campaigns_are_compared_side_by_side_with_seven_days_of_click_rates(
+    report_settings,
+):
+    hostile = '<script>alert(1)</script>"&'
+    async with start_web(report_settings) as web:
+        for contact in ("1", "2"):
+            send_id, links = await web.send(campaign="spring", contact=contact, name=hostile)
+        await web.click(send_id, links["https://example.com/a"])
+        send_id, links = await web.send(campaign="autumn", contact="1")
+        await web.click(send_id, links["https://example.com/a"])
+        compared = await web.api("/api/compare?c=spring&c=autumn&c=spring")
+        page = await text(web, "/reports/compare?c=spring&c=autumn")
+        listing = await text(web, "/reports")
+        refused = [
+            await text(web, "/api/compare", status=400),
+            await text(web, "/api/compare?" + "&".join(f"c=c{n}" for n in range(11)), status=400),
+            await text(web, "/reports/compare?c=spring&c=nope", status=404),
+        ]
+    spring, autumn = compared["campaigns"]
+    assert (spring["campaign_id"], spring["tracked_sends"], spring["click_rate"]) == (
+        "spring", 2, 0.5
+    )  # fmt: skip
+    assert (autumn["campaign_id"], autumn["click_rate"]) == ("autumn", 1.0)
+    assert set(spring) == {*CAMPAIGN_FIELDS, "click_rate_by_hour"}
+    rates = spring["click_rate_by_hour"]
+    assert len(rates) == 2 and rates[-1] == 0.5  # sent an hour ago: its first two hours so far
+    assert page.count("<polyline") == 2 and "day 7" in page and "not yet" in page
+    assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&amp;" in page
+    assert '<input type="checkbox" name="c" value="spring"' in listing
+    assert '<form method="get" action="/reports/compare">' in listing
+    assert refused[0].startswith("Bad request") and refused[1].startswith("Bad request")
+    assert refused[2] == "No such campaign: nope\n"

@@ -229,10 +229,14 @@ async def test_same_url_twice_in_a_campaign_is_one_link(settings, upstream):
     async with start_relay(settings) as relay:
         for contact in ("1", "2"):
             await send(relay.port, html_message(html, {"X-Contact-Id": contact}))
+        first, second = (re.findall(r"/c/([\w-]+)", decoded_html(r.content)[0])
+                         for r in upstream.received)  # fmt: skip
+        places = [relay.signer.verify(token) for token in first]
     assert rows(settings, "SELECT count(*) FROM links") == [(1,)]
-    first, second = (decoded_html(r.content)[0] for r in upstream.received)
-    assert len(set(re.findall(r"/c/(\w+)", first))) == 1  # one link, one token per send
-    assert re.findall(r"/c/(\w+)", first)[0] != re.findall(r"/c/(\w+)", second)[0]
+    # one link: each place has a token of its own (the click map), each send its own tokens
+    assert len(set(first)) == 2 and not set(first) & set(second)
+    assert [(p.link_id, p.placement) for p in places] == [(places[0].link_id, 0),
+                                                          (places[0].link_id, 1)]  # fmt: skip
 
 
 async def test_long_url_gets_a_32_character_token(settings, upstream):
@@ -336,10 +340,13 @@ async def test_labels_make_links_of_one_url_and_go_from_the_output(settings, ups
         (out,) = decoded_html(upstream.received[0].content)
         tokens = re.findall(r"/c/([\w-]+)", out)
         resolved = [await relay.resolve(TRACK + token) for token in tokens]
+        placed = [(t.link_id, t.placement) for t in map(relay.signer.verify, tokens)]
     assert rows(settings, "SELECT url, label FROM links ORDER BY label") == [
         ("https://x.example/a", ""), ("https://x.example/a", "footer cta"),
         ("https://x.example/a", "hero"),
     ]  # fmt: skip
     assert "data-label" not in out and '<a href="mailto:help@example.com">5</a>' in out
-    assert len(tokens) == 4 and tokens[0] == tokens[3] and len(set(tokens)) == 3
+    # four places: the hero link's first and second, the footer's and the unlabelled one's
+    assert len(tokens) == 4 and [place for _, place in placed] == [0, 0, 0, 1]
+    assert placed[0][0] == placed[3][0] and len({link for link, _ in placed}) == 3
     assert resolved == ["https://x.example/a"] * 4

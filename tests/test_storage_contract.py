@@ -660,3 +660,62 @@ async def test_a_period_has_its_clicks_and_the_sends_made_before_its_end(store):
         assert getattr(both.summary, figures) == getattr(whole.summary, figures), figures
     assert both.links == whole.links and both.devices == whole.devices
     assert both.hours == whole.hours and both.untracked == whole.untracked
+
+
+def placed_click(send_id: int, link_id: int, at: float, placement: int | None, bot=None):
+    return NewClick(send_id, link_id, at, None, "ua", "GET", bot, "html", None, placement)
+
+
+async def test_a_campaign_keeps_one_html_copy_and_counts_clicks_by_place(store):
+    first = await store.record_send(send(contact_id="1"))
+    second = await store.record_send(send(contact_id="2"))
+    other = await store.record_send(send(campaign_key="c2"))
+    await store.keep_html_copy(first.send_id, "<p>the first</p>")
+    await store.keep_html_copy(second.send_id, "<p>the second</p>")  # too late: one per campaign
+    await store.keep_html_copy(other.send_id, "<p>another campaign</p>")
+    a = first.link_ids["https://a.example/", None]
+    at = 1_700_000_100.0
+    await store.add_clicks([
+        placed_click(first.send_id, a, at, 0), placed_click(first.send_id, a, at + 1, 0),
+        placed_click(second.send_id, a, at + 2, 1), placed_click(second.send_id, a, at + 3, None),
+        placed_click(second.send_id, a, at + 4, 1, bot="head"),
+    ])  # fmt: skip
+    found = await store.click_map("c1")
+    assert found is not None and found.html == "<p>the first</p>"
+    assert found.places == {(a, 0): 2, (a, 1): 1}
+    await store.add_clicks([], bursts=[(first.send_id, at + 0.5)])  # counted, then judged bots
+    found = await store.click_map("c1")
+    assert found is not None and found.places == {(a, 0): 1, (a, 1): 1}
+    assert await store.click_map("nope") is None
+    assert (await store.click_map("c2")).html == "<p>another campaign</p>"
+    # the copy came from contact 1's send: erasing that contact erases the copy
+    await store.erase_contact("1", None)
+    found = await store.click_map("c1")
+    assert found is not None and found.html is None and found.places == {(a, 0): 1, (a, 1): 1}
+
+
+async def test_a_comparison_follows_first_clicks_for_seven_days(store):
+    start = 1_700_006_400.0  # a midnight (UTC)
+    sends = [await store.record_send(send(contact_id=str(n), sent_at=start)) for n in range(4)]
+    link = sends[0].link_ids["https://a.example/", None]
+    other = await store.record_send(send(campaign_key="c2", sent_at=start + DAY))
+    await store.add_clicks([
+        click(sends[0].send_id, link, start + 600),  # hour 0
+        click(sends[0].send_id, link, start + 7200),  # the same contact again: not a new one
+        click(sends[1].send_id, link, start + 2 * 3600 + 5),  # hour 2
+        click(sends[2].send_id, link, start + 3 * DAY),  # day 3
+        click(sends[3].send_id, link, start + 8 * DAY),  # after the first 7 days
+        click(other.send_id, other.link_ids["https://a.example/", None], start + DAY + 60),
+    ])  # fmt: skip
+    first, second = await store.compare(["c1", "c2", "unknown"])
+    assert (first.summary.campaign_id, second.summary.campaign_id) == ("c1", "c2")
+    rates = first.click_rates()
+    assert len(rates) == 7 * 24
+    assert (rates[0], rates[1], rates[2], rates[71], rates[72], rates[-1]) == (
+        0.25, 0.25, 0.5, 0.5, 0.75, 0.75
+    )  # fmt: skip
+    assert second.click_rates()[0] == 1.0
+    # a contact whose only clicks are judged bots later has no first click any more
+    await store.add_clicks([], bursts=[(sends[1].send_id, start)])
+    (first,) = await store.compare(["c1"])
+    assert first.click_rates()[2] == 0.25 and first.click_rates()[-1] == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 import pytest
@@ -10,9 +11,11 @@ from hypothesis import strategies as st
 
 from clickrelay.tracking.tokens import (
     MAX_LINK_ID,
+    MAX_PLACEMENT,
     MAX_SEND_ID,
     SENT_WRAP,
     TOKEN_LENGTH,
+    Kind,
     Signer,
     load_secret,
 )
@@ -106,3 +109,37 @@ def test_processes_creating_the_secret_at_once_agree_on_one(tmp_path):
     assert all(proc.returncode == 0 for proc in procs)
     assert secrets == {path.read_text().strip()} and len(path.read_text().strip()) == 64
     assert [p.name for p in tmp_path.iterdir()] == ["secret"]  # no drafts left behind
+
+
+@given(st.integers(1, MAX_SEND_ID), st.integers(1, MAX_LINK_ID), st.integers(0, 1000))
+def test_an_html_click_token_carries_its_placement(send_id, link_id, placement):
+    token = SIGNER.sign(send_id, link_id, 1_700_000_000, Kind.HTML, placement)
+    assert len(token) == TOKEN_LENGTH and re.fullmatch(r"[A-Za-z0-9_-]+", token)
+    data = SIGNER.verify(token)
+    assert data is not None
+    assert (data.send_id, data.link_id, data.kind) == (send_id, link_id, Kind.HTML)
+    assert data.placement == min(placement, MAX_PLACEMENT)
+    assert data.seconds_since_send(1_700_000_005) == 5
+
+
+def test_tokens_without_a_placement_read_as_before():
+    # made as every token was before placements: the layout and MAC of 12 bytes are unchanged
+    for kind in Kind:
+        data = SIGNER.verify(SIGNER.sign(7, 0 if kind is Kind.OPEN else 9, 100, kind))
+        assert data is not None and data.kind is kind and data.placement is None
+
+
+def test_a_placed_token_with_any_byte_changed_is_refused():
+    raw = bytearray(base64.urlsafe_b64decode(SIGNER.sign(7, 9, 100, Kind.HTML, 3)))
+    for position in range(len(raw)):
+        forged = raw.copy()
+        forged[position] ^= 0x01
+        assert SIGNER.verify(base64.urlsafe_b64encode(bytes(forged)).decode()) is None, position
+
+
+def test_only_html_clicks_have_a_placement():
+    for kind in (Kind.TEXT, Kind.OPEN):
+        with pytest.raises(ValueError):
+            SIGNER.sign(7, 9, 100, kind, 0)
+    with pytest.raises(ValueError):
+        SIGNER.sign(7, 9, 100, Kind.HTML, -1)

@@ -352,6 +352,7 @@ class ReportsSettings:
     username: str = _field(_nonempty_str, "admin")
     password: str | None = _field(_nonempty_str, None)
     password_hash: str | None = _field(_password_hash, None)
+    keep_html_copy: bool = _field(_bool, True)  # one copy per campaign, for its click map
 
     @property
     def enabled(self) -> bool:

@@ -34,10 +34,12 @@ from clickrelay.isotime import iso
 from clickrelay.limits import AuthThrottle, forwarded_client
 from clickrelay.storage.base import (
     CAMPAIGN_SORTS,
+    COMPARED_HOURS,
     MAX_ID,
     Audience,
     CampaignReport,
     CampaignSummary,
+    Comparison,
     ContactClicks,
     ContactPage,
     CursorError,
@@ -50,6 +52,8 @@ from clickrelay.storage.base import (
     VariantFigures,
     rate,
 )
+from clickrelay.tracking import clickmap
+from clickrelay.tracking.clickmap import Place
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,6 +70,25 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+# The map page frames its copy of the mail (from this origin only).
+MAP_PAGE_CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; frame-src 'self'"
+
+
+def frame_headers(images: bool) -> dict[str, str]:
+    """The headers of the mail's copy in the map's frame: no script, form, plugin or popup
+    (`sandbox`), nothing loaded from elsewhere but images when the admin asks for them, and
+    framed by this origin only."""
+    remote = " https: http:" if images else ""
+    return {
+        **SECURITY_HEADERS,
+        "Content-Security-Policy": (
+            f"default-src 'none'; style-src 'unsafe-inline'; img-src data:{remote}; "
+            "font-src data:; sandbox; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'self'"
+        ),
+        "X-Frame-Options": "SAMEORIGIN",
+    }
+
 
 LINK_REASONS = {
     "scheme": ("Not a web link (mailto:, tel:, sms:, javascript:, ...).",
@@ -178,6 +201,34 @@ def _nice(value: int) -> int:
 def _bucket_label(bucket: Bucket) -> str:
     start = datetime.fromtimestamp(bucket.start, UTC)
     return start.strftime("%Y-%m-%d %H:00" if bucket.hours == 1 else "%Y-%m-%d")
+
+
+MAX_COMPARED = 10
+
+
+def rates_chart(rates: list[list[float]], width: int = 760, height: int = 200) -> dict[str, Any]:
+    """Geometry for the comparison chart: each campaign's click rates by hour (`rates`, its
+    first 7 days or the hours so far) as a line, hours after its first send on x, gridlines
+    every day."""
+    scale = _nice_rate(max([r for line in rates for r in line] + [0.0]))
+    hours = COMPARED_HOURS
+    lines = [
+        " ".join(f"{round(width * (h + 1) / hours, 1)},{round(height - height * r / scale, 1)}"
+                 for h, r in enumerate(line))
+        for line in rates
+    ]  # fmt: skip
+    days = [{"x": round(width * d * 24 / hours, 1), "label": f"day {d + 1}"} for d in range(7)]
+    ticks = [{"y": round(height - height * v / scale, 1), "label": f"{v * 100:g}%"}
+             for v in (0, scale / 2, scale)]  # fmt: skip
+    return {"width": width, "height": height, "lines": lines, "days": days, "ticks": ticks}
+
+
+def _nice_rate(value: float) -> float:
+    """The chart's top: the first of 1, 2, 5 x 10^n percent at or above `value`."""
+    for top in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
+        if value <= top:
+            return top
+    return 1.0
 
 
 # ---------------------------------------------------------------- JSON shapes (DESIGN.md)
@@ -574,12 +625,16 @@ class Reports:
             for path, handler in [
                 ("/reports", self.campaigns_page),
                 ("/reports/export.csv", self.campaigns_csv),
+                ("/reports/compare", self.compare_page),
+                ("/api/compare", self.compare_api),
                 ("/reports/static/reports.css", self.stylesheet),
                 ("/reports" + campaign, self.campaign_page),
                 ("/reports" + campaign + "/export.csv", self.links_csv),
                 ("/reports" + campaign + "/untracked/export.csv", self.untracked_csv),
                 ("/reports" + campaign + "/variants/export.csv", self.variants_csv),
                 ("/reports" + campaign + "/devices/export.csv", self.devices_csv),
+                ("/reports" + campaign + "/map", self.map_page),
+                ("/reports" + campaign + "/map/frame", self.map_frame),
                 ("/reports" + link, self.link_page),
                 ("/reports" + link + "/export.csv", self.contacts_csv),
                 ("/api/campaigns", self.campaigns_api),
@@ -678,6 +733,63 @@ class Reports:
             link_reasons=LINK_REASONS, send_reasons=SEND_REASONS, sends=_decisions(report),
             refused=sum(n for (_, o), n in report.sends.items() if o in ("refused", "deferred")),
         )  # fmt: skip
+
+    async def _map(self, request: web.Request) -> tuple[CampaignReport, str | None, list[Place]]:
+        """The campaign, its copy marked for the frame (None: no copy), and its places."""
+        report = await self._report(request)
+        found = await self.store.click_map(report.summary.campaign_id)
+        if found is None or found.html is None:
+            return report, None, []
+        html, places = clickmap.marked(found.html, found.places, report.summary.total_clicks)
+        return report, html, places
+
+    async def _compared(self, request: web.Request) -> list[Comparison]:
+        """The campaigns of `?c=...&c=...` (1 to MAX_COMPARED), in that order; 400 for none
+        or too many, 404 for one that does not exist."""
+        wanted = list(dict.fromkeys(request.query.getall("c", [])))
+        if not 1 <= len(wanted) <= MAX_COMPARED:
+            raise web.HTTPBadRequest(
+                text=f"Bad request: name 1 to {MAX_COMPARED} campaigns, as ?c=one&c=two.\n"
+            )
+        found = await self.store.compare(wanted)
+        missing = set(wanted) - {c.summary.campaign_id for c in found}
+        if missing:
+            raise web.HTTPNotFound(text=f"No such campaign: {sorted(missing)[0]}\n")
+        return found
+
+    async def compare_page(self, request: web.Request) -> web.Response:
+        compared = await self._compared(request)
+        rates = [c.click_rates(time.time()) for c in compared]
+        return self._render(
+            "compare.html", compared=list(zip(compared, rates, strict=True)),
+            chart=rates_chart(rates),
+        )  # fmt: skip
+
+    async def compare_api(self, request: web.Request) -> web.Response:
+        compared = await self._compared(request)
+        return web.json_response({"campaigns": [
+            {**campaign_json(c.summary), "click_rate_by_hour": c.click_rates(time.time())}
+            for c in compared
+        ]})  # fmt: skip
+
+    async def map_page(self, request: web.Request) -> web.Response:
+        report, html, places = await self._map(request)
+        links = {link.link_id: link for link in report.links}
+        placed = sum(place.clicks for place in places)
+        response = self._render(
+            "map.html", summary=report.summary, has_copy=html is not None, places=places,
+            links=links, images=request.query.get("images") == "1",
+            unplaced=report.summary.total_clicks - placed,
+        )  # fmt: skip
+        response.headers["Content-Security-Policy"] = MAP_PAGE_CSP
+        return response
+
+    async def map_frame(self, request: web.Request) -> web.Response:
+        _, html, _ = await self._map(request)
+        if html is None:
+            raise web.HTTPNotFound(text="No copy of this campaign's HTML is kept.\n")
+        headers = frame_headers(request.query.get("images") == "1")
+        return web.Response(text=html, content_type="text/html", headers=headers)
 
     async def link_page(self, request: web.Request) -> web.Response:
         page = await self._contacts(request, PAGE_SIZE, request.query.get("after"))

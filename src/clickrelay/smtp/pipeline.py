@@ -28,8 +28,8 @@ from clickrelay.mail.headers import (
     read_control_headers,
 )
 from clickrelay.smtp.upstream import Reply
-from clickrelay.storage.base import LinkKey, NewSend, Store, StoreError
-from clickrelay.tracking import rewrite
+from clickrelay.storage.base import LinkKey, NewSend, RecordedSend, Store, StoreError
+from clickrelay.tracking import clickmap, rewrite
 from clickrelay.tracking.links import LinkRules
 from clickrelay.tracking.tokens import Kind, Signer
 
@@ -63,6 +63,7 @@ class MessagePipeline:
         self.signer = signer
         self.control_names = control_field_names(settings.headers)
         self.resigner = dkim.Resigner(dkim.load_keys(settings.dkim), settings.smtp.received_header)
+        self._copied: set[str] = set()  # campaigns whose HTML copy this process has made
         tracking = settings.tracking
         self.rules = LinkRules(
             public_url=settings.web.public_url,
@@ -186,10 +187,12 @@ class MessagePipeline:
         prepared.send_id = recorded.send_id
         if not keys and not prepared.control.track_opens:
             return None
+        if keys:
+            await self._keep_copy(prepared, plan, recorded, len(original))
         sign, base, ids = self.signer.sign, self.rules.tracking_prefix, recorded.link_ids
 
-        def tracking_url(key: LinkKey, kind: Kind) -> str:
-            return base + sign(recorded.send_id, ids[key], recorded.sent_at, kind)
+        def tracking_url(key: LinkKey, kind: Kind, placement: int | None) -> str:
+            return base + sign(recorded.send_id, ids[key], recorded.sent_at, kind, placement)
 
         pixel = None
         if prepared.control.track_opens:
@@ -205,6 +208,25 @@ class MessagePipeline:
             prepared.decision = "error"
             await self.store.set_send_decision(recorded.send_id, "error")
             return None
+
+    async def _keep_copy(
+        self, prepared: Prepared, plan: rewrite.RewritePlan, recorded: RecordedSend, size: int
+    ) -> None:
+        """Keep the HTML of the campaign's first tracked send (for its click map), once. A
+        failure costs the map its copy, never the message its tracking."""
+        campaign = prepared.control.campaign_id
+        html = next((part for part in plan.parts if part.kind is Kind.HTML), None)
+        if not self.settings.reports.keep_html_copy or html is None or campaign in self._copied:
+            return
+        assert campaign is not None
+        personal = [p for p in (prepared.control.contact_id, prepared.control.contact_email) if p]
+        copy = await cpu.run(size, clickmap.copy_of, html, recorded.link_ids, personal)
+        try:
+            await self.store.keep_html_copy(recorded.send_id, copy)
+        except StoreError as exc:
+            log.warning("storage failed, no HTML copy of campaign %r kept: %s", campaign, exc)
+            return
+        self._copied.add(campaign)
 
     async def _resigned(
         self, original: bytes, rewritten: bytes, control_spans: list[tuple[int, int]]

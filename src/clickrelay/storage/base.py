@@ -23,6 +23,8 @@ __all__ = [
     "Audience",
     "CampaignReport",
     "CampaignSummary",
+    "ClickMap",
+    "Comparison",
     "ContactClicks",
     "ContactPage",
     "CursorError",
@@ -116,6 +118,7 @@ class NewClick:
     bot_reason: str | None  # None for a human click
     part: str = "html"  # the part of the mail its link was in: "html" or "text"
     device: tuple[str, str, str] | None = None  # (type, OS, client) from the user agent
+    placement: int | None = None  # which place of its link in the HTML part (the click map)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,41 @@ class DeviceClicks:
     os: str
     client: str  # the browser or mail client
     clicks: int
+
+
+@dataclass(frozen=True)
+class ClickMap:
+    """What the click map of a campaign is drawn from: the copy of its HTML kept at its first
+    tracked send (None: none kept), and the human clicks at each place of each link."""
+
+    html: str | None
+    places: dict[tuple[int, int], int]  # (link id, placement) -> human clicks
+
+
+COMPARED_HOURS = 7 * 24  # a comparison follows each campaign for its first 7 days
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A campaign beside others: its figures, and how many contacts first clicked (a human
+    click) in each hour of its first 7 days: (hour since the epoch, contacts)."""
+
+    summary: CampaignSummary
+    first_clicks: list[tuple[int, int]]
+
+    def click_rates(self, now: float | None = None) -> list[float]:
+        """The click rate at the end of each hour after the first send, for 7 days (or the
+        hours until `now`, if fewer)."""
+        start = int(self.summary.first_send_at // 3600)
+        end = start + COMPARED_HOURS
+        if now is not None:
+            end = min(end, max(int(now // 3600) + 1, start + 1))
+        by_hour = dict(self.first_clicks)
+        rates, clickers = [], 0
+        for hour in range(start, end):
+            clickers += by_hour.get(hour, 0)
+            rates.append(rate(clickers, self.summary.tracked_sends))
+        return rates
 
 
 @dataclass(frozen=True)
@@ -337,6 +375,16 @@ class Store(Protocol):
     ) -> CampaignReport | None:
         """The campaign's figures, every click stored so far counted (only those of `period`,
         and the sends made before its end, when one is given)."""
+
+    async def compare(self, campaign_ids: Sequence[str]) -> list[Comparison]:
+        """The campaigns of `campaign_ids` that exist, in that order, each with the hours of
+        its contacts' first clicks."""
+
+    async def keep_html_copy(self, send_id: int, html: str) -> None:
+        """Keep `html` as the copy of the HTML of the send's campaign, unless it has one."""
+
+    async def click_map(self, campaign_id: str) -> ClickMap | None:
+        """The campaign's HTML copy and clicks by place (None for an unknown campaign)."""
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50
@@ -559,6 +607,30 @@ LINKS = """
         coalesce(ls.unique_contacts, 0) AS uniq, coalesce(ls.bot_clicks, 0) AS bots,
         coalesce(ls.text_clicks, 0) AS text
     FROM links l LEFT JOIN link_stats ls ON ls.link_id = l.id"""
+
+
+# Human clicks by (link, placement) of a campaign (`{campaign}`: its row id's placeholder).
+PLACES = """
+    SELECT link_id, placement, human FROM placement_stats
+    WHERE link_id IN (SELECT id FROM links WHERE campaign_id = {campaign}) AND human > 0"""
+
+
+# Contacts by the hour of their first human click, in a campaign's first 7 days.
+FIRST_CLICKS = f"""
+    SELECT f.hour, f.contacts FROM first_clicks f JOIN campaigns c ON c.id = f.campaign_id
+    WHERE f.campaign_id = {{campaign}} AND f.contacts > 0
+        AND f.hour < c.first_send_at / 3600 + {COMPARED_HOURS} ORDER BY f.hour"""  # noqa: S608
+
+
+def comparison_of(summary: Mapping[str, Any], hours: Rows) -> Comparison:
+    return Comparison(summary_of(summary), [(r["hour"], r["contacts"]) for r in hours])
+
+
+def click_map_of(copies: Rows, places: Rows) -> ClickMap:
+    return ClickMap(
+        copies[0]["html"] if copies else None,
+        {(r["link_id"], r["placement"]): r["human"] for r in places},
+    )
 
 
 def report_sql(d: Dialect) -> ReportSQL:

@@ -33,11 +33,15 @@ import asyncpg
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
     EVENT_KINDS,
+    FIRST_CLICKS,
     LINKS,
     MAX_ID,
+    PLACES,
     Audience,
     CampaignReport,
     CampaignSummary,
+    ClickMap,
+    Comparison,
     ContactPage,
     Delivery,
     Dialect,
@@ -55,6 +59,8 @@ from clickrelay.storage.base import (
     StoreError,
     audience_of,
     cleaned,
+    click_map_of,
+    comparison_of,
     contact_page,
     counts_as_sent,
     decode_audience_cursor,
@@ -309,7 +315,7 @@ MIGRATIONS: list[list[str]] = [
             human_opens bigint NOT NULL, machine_opens bigint NOT NULL,
             PRIMARY KEY (campaign_id, contact_key))""",
     ],
-    [  # 6: devices, time ranges, as SQLite's.
+    [  # 6: devices, time ranges, the click map, as SQLite's.
         "ALTER TABLE clicks ADD COLUMN device text",
         "ALTER TABLE clicks ADD COLUMN os text",
         "ALTER TABLE clicks ADD COLUMN client text",
@@ -331,6 +337,59 @@ MIGRATIONS: list[list[str]] = [
                 AND OLD.rolled)
             EXECUTE FUNCTION move_device_to_bots()""",
         "CREATE INDEX clicks_by_campaign ON clicks (campaign_id, clicked_at)",
+        "ALTER TABLE clicks ADD COLUMN placement integer",
+        """CREATE TABLE placement_stats (
+            link_id bigint NOT NULL, placement integer NOT NULL, human bigint NOT NULL,
+            PRIMARY KEY (link_id, placement))""",
+        """CREATE FUNCTION move_placement_to_bots() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE placement_stats SET human = human - 1
+                WHERE link_id = NEW.link_id AND placement = NEW.placement;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER placement_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+            FOR EACH ROW WHEN (OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
+                AND OLD.rolled AND NEW.placement IS NOT NULL)
+            EXECUTE FUNCTION move_placement_to_bots()""",
+        """CREATE TABLE html_copies (
+            campaign_id bigint PRIMARY KEY, send_id bigint NOT NULL, html text NOT NULL)""",
+        "ALTER TABLE campaign_contacts ADD COLUMN first_click double precision",
+        """CREATE TABLE first_clicks (
+            campaign_id bigint NOT NULL, hour bigint NOT NULL, contacts bigint NOT NULL,
+            PRIMARY KEY (campaign_id, hour))""",
+        """CREATE FUNCTION move_first_click() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'UPDATE' AND OLD.first_click IS NOT NULL THEN
+                UPDATE first_clicks SET contacts = contacts - 1
+                    WHERE campaign_id = OLD.campaign_id
+                    AND hour = floor(OLD.first_click / 3600)::bigint;
+            END IF;
+            IF NEW.first_click IS NOT NULL THEN
+                INSERT INTO first_clicks AS t
+                    VALUES (NEW.campaign_id, floor(NEW.first_click / 3600)::bigint, 1)
+                ON CONFLICT (campaign_id, hour) DO UPDATE SET contacts = t.contacts + 1;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER first_click_counted AFTER INSERT ON campaign_contacts FOR EACH ROW
+            WHEN (NEW.first_click IS NOT NULL) EXECUTE FUNCTION move_first_click()""",
+        """CREATE TRIGGER first_click_moved AFTER UPDATE OF first_click ON campaign_contacts
+            FOR EACH ROW WHEN (OLD.first_click IS DISTINCT FROM NEW.first_click)
+            EXECUTE FUNCTION move_first_click()""",
+        """CREATE FUNCTION forget_first_click() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE campaign_contacts SET first_click = NULL
+                WHERE campaign_id = NEW.campaign_id AND contact_key = NEW.contact_key;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER first_click_gone AFTER UPDATE OF human_clicks ON campaign_contacts
+            FOR EACH ROW WHEN (NEW.human_clicks <= 0 AND NEW.first_click IS NOT NULL)
+            EXECUTE FUNCTION forget_first_click()""",
+        """UPDATE campaign_contacts cc SET first_click = (
+            SELECT min(lc.first_click) FROM link_contacts lc JOIN links l ON l.id = lc.link_id
+            WHERE l.campaign_id = cc.campaign_id AND lc.contact_key = cc.contact_key
+                AND lc.human_clicks > 0)
+        WHERE human_clicks > 0""",
     ],
 ]
 # Events whose transactions are over, with none older still running (see migration 2).
@@ -350,14 +409,14 @@ _ROLL_BATCH = [
     """CREATE TEMP TABLE IF NOT EXISTS roll_batch (
         campaign_id bigint, link_id bigint, send_id bigint, contact_key text,
         clicked_at double precision, human integer, bot integer, text integer,
-        device text, os text, client text)
+        device text, os text, client text, placement integer)
         ON COMMIT DELETE ROWS""",
     f"""WITH batch AS (
         UPDATE clicks SET rolled = true WHERE id IN (
             SELECT id FROM clicks WHERE NOT rolled ORDER BY id LIMIT $1)
         RETURNING campaign_id, link_id, send_id, contact_key, clicked_at,
             (bot_reason IS NULL)::integer, (bot_reason IS NOT NULL)::integer,
-            (bot_reason IS NULL AND part = 'text')::integer, {device_of("clicks")})
+            (bot_reason IS NULL AND part = 'text')::integer, {device_of("clicks")}, placement)
     INSERT INTO roll_batch SELECT * FROM batch""",  # noqa: S608 (constants)
 ]
 # The stats rows go first: the triggers on the *_contacts tables count unique clickers into them.
@@ -372,10 +431,12 @@ _ROLL_UP = [
     ON CONFLICT (link_id) DO UPDATE SET human_clicks = t.human_clicks + excluded.human_clicks,
         bot_clicks = t.bot_clicks + excluded.bot_clicks,
         text_clicks = t.text_clicks + excluded.text_clicks""",
-    """INSERT INTO campaign_contacts AS t (campaign_id, contact_key, human_clicks)
-    SELECT campaign_id, contact_key, sum(human) FROM roll_batch GROUP BY campaign_id, contact_key
+    """INSERT INTO campaign_contacts AS t (campaign_id, contact_key, human_clicks, first_click)
+    SELECT campaign_id, contact_key, sum(human), min(clicked_at) FILTER (WHERE human = 1)
+    FROM roll_batch GROUP BY campaign_id, contact_key
     ON CONFLICT (campaign_id, contact_key)
-        DO UPDATE SET human_clicks = t.human_clicks + excluded.human_clicks""",
+        DO UPDATE SET human_clicks = t.human_clicks + excluded.human_clicks,
+            first_click = least(t.first_click, excluded.first_click)""",
     """INSERT INTO link_contacts AS t (link_id, contact_key, send_id, human_clicks, bot_clicks,
                                     first_click, last_click)
     SELECT link_id, contact_key, max(send_id), sum(human), sum(bot),
@@ -391,6 +452,10 @@ _ROLL_UP = [
     SELECT campaign_id, device, os, client, sum(human) FROM roll_batch WHERE human = 1
     GROUP BY campaign_id, device, os, client
     ON CONFLICT (campaign_id, device, os, client) DO UPDATE SET human = t.human + excluded.human""",
+    """INSERT INTO placement_stats AS t (link_id, placement, human)
+    SELECT link_id, placement, sum(human) FROM roll_batch
+    WHERE human = 1 AND placement IS NOT NULL GROUP BY link_id, placement
+    ON CONFLICT (link_id, placement) DO UPDATE SET human = t.human + excluded.human""",
     """INSERT INTO click_hours AS t (campaign_id, hour, human, bot)
     SELECT campaign_id, floor(clicked_at / 3600) AS hour, sum(human), sum(bot)
     FROM roll_batch GROUP BY campaign_id, hour
@@ -442,6 +507,7 @@ _ERASE: list[tuple[str, tuple[int, ...]]] = [
      " AND contact_key = $2", (1, 2, 3)),
     ("UPDATE link_contacts SET contact_key = $3 WHERE contact_key = $2"
      " AND link_id IN (SELECT id FROM links WHERE campaign_id = $1)", (1, 2, 3)),
+    ("DELETE FROM html_copies WHERE send_id = $1", (0,)),  # it may hold personal data left
 ]  # fmt: skip
 # ... and, for an erasure (not for retention, which deletes by age), its events.
 _FORGET_EVENTS: list[tuple[str, tuple[int, ...]]] = [
@@ -460,15 +526,15 @@ _PRUNE = [
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason, part, device, os, client)
+                        method, bot_reason, part, device, os, client, placement)
     SELECT s.campaign_id, l.id, s.id,
         {_CONTACT_KEY}, c.clicked_at, CASE WHEN NOT s.anonymous THEN c.ip END,
         CASE WHEN NOT s.anonymous THEN c.user_agent END, c.method, c.bot_reason, c.part,
-        c.device, c.os, c.client
+        c.device, c.os, c.client, c.placement
     FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) WITH ORDINALITY
-        AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason, part, device, os,
-             client, n)
+                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::integer[])
+        WITH ORDINALITY AS c(send_id, link_id, clicked_at, ip, user_agent, method, bot_reason,
+                             part, device, os, client, placement, n)
     JOIN sends s ON s.id = c.send_id
     JOIN links l ON l.id = c.link_id AND l.campaign_id = s.campaign_id
     ORDER BY c.n"""  # noqa: S608 (ids, and events, in the order the clicks came)
@@ -713,8 +779,9 @@ class PostgresStore:
         # One statement for the whole batch (its rows as arrays). The counters follow (`RollUps`).
         columns = _columns(
             [(c.send_id, c.link_id, c.clicked_at, c.ip, cleaned(c.user_agent), c.method,
-              c.bot_reason, c.part, *(c.device or (None, None, None))) for c in clicks],
-            11,
+              c.bot_reason, c.part, *(c.device or (None, None, None)), c.placement)
+             for c in clicks],
+            12,
         )  # fmt: skip
 
         async def work(con: asyncpg.Connection) -> None:
@@ -785,6 +852,36 @@ class PostgresStore:
             return await self._fetch(numbered, *(values[name] for name in names))
 
         return await read_report(rows[0], _REPORT if period is None else _PERIOD, fetch)
+
+    async def compare(self, campaign_ids: Sequence[str]) -> list[Comparison]:
+        await self._rollups.catch_up()
+        found = []
+        for campaign_id in filter(storable, campaign_ids):
+            rows = await self._fetch(f"{_SUMMARY} WHERE campaign_key = $1", campaign_id)
+            if rows:
+                hours = await self._fetch(FIRST_CLICKS.format(campaign="$1"), rows[0]["id"])
+                found.append(comparison_of(rows[0], hours))
+        return found
+
+    async def keep_html_copy(self, send_id: int, html: str) -> None:
+        await self._write(
+            "INSERT INTO html_copies SELECT campaign_id, id, $2 FROM sends WHERE id = $1"
+            " ON CONFLICT DO NOTHING",
+            send_id, cleaned(html),
+        )  # fmt: skip
+
+    async def click_map(self, campaign_id: str) -> ClickMap | None:
+        if not storable(campaign_id):
+            return None
+        await self._rollups.catch_up()
+        rows = await self._fetch("SELECT id FROM campaigns WHERE campaign_key = $1", campaign_id)
+        if not rows:
+            return None
+        copies = await self._fetch(
+            "SELECT html FROM html_copies WHERE campaign_id = $1", rows[0]["id"]
+        )
+        places = await self._fetch(PLACES.format(campaign="$1"), rows[0]["id"])
+        return click_map_of(copies, places)
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50

@@ -24,11 +24,15 @@ import aiosqlite
 from clickrelay.storage.base import (
     EVENT_COLUMNS,
     EVENT_KINDS,
+    FIRST_CLICKS,
     LINKS,
     MAX_ID,
+    PLACES,
     Audience,
     CampaignReport,
     CampaignSummary,
+    ClickMap,
+    Comparison,
     ContactPage,
     Delivery,
     Dialect,
@@ -45,6 +49,8 @@ from clickrelay.storage.base import (
     RecordedSend,
     StoreError,
     audience_of,
+    click_map_of,
+    comparison_of,
     contact_page,
     counts_as_sent,
     decode_audience_cursor,
@@ -275,9 +281,13 @@ MIGRATIONS: list[list[str]] = [
             human_opens INTEGER NOT NULL, machine_opens INTEGER NOT NULL,
             PRIMARY KEY (campaign_id, contact_key))""",
     ],
-    [  # 6: devices, time ranges. A click keeps its device coarsely (type, OS family, client
-        # family); device_stats counts human clicks by device (the clicks counted before this
-        # migration as "unknown"). Clicks by campaign and time, for the figures of a range.
+    [  # 6: devices, time ranges, the click map. A click keeps its device coarsely (type, OS
+        # family, client family); device_stats counts human clicks by device (the clicks
+        # counted before this migration as "unknown"). Clicks by campaign and time, for the
+        # figures of a range. A click on an HTML link keeps which place of the link it was
+        # (placement_stats counts them); html_copies keeps one copy of a campaign's HTML. For
+        # comparisons: each contact's first human click on the campaign, and how many contacts
+        # first clicked in each hour (first_clicks), kept by triggers as first clicks move.
         "ALTER TABLE clicks ADD COLUMN device TEXT",
         "ALTER TABLE clicks ADD COLUMN os TEXT",
         "ALTER TABLE clicks ADD COLUMN client TEXT",
@@ -298,6 +308,50 @@ MIGRATIONS: list[list[str]] = [
                 AND ({device_of("NEW", named=False)}) = (device, os, client);
         END""",  # noqa: S608 (constants)
         "CREATE INDEX clicks_by_campaign ON clicks (campaign_id, clicked_at)",
+        "ALTER TABLE clicks ADD COLUMN placement INTEGER",
+        """CREATE TABLE placement_stats (
+            link_id INTEGER NOT NULL, placement INTEGER NOT NULL, human INTEGER NOT NULL,
+            PRIMARY KEY (link_id, placement))""",
+        """CREATE TRIGGER placement_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
+        WHEN OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL AND NEW.placement IS NOT NULL
+            AND NEW.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
+        BEGIN
+            UPDATE placement_stats SET human = human - 1
+                WHERE link_id = NEW.link_id AND placement = NEW.placement;
+        END""",
+        """CREATE TABLE html_copies (
+            campaign_id INTEGER PRIMARY KEY, send_id INTEGER NOT NULL, html TEXT NOT NULL)""",
+        "ALTER TABLE campaign_contacts ADD COLUMN first_click REAL",
+        """CREATE TABLE first_clicks (
+            campaign_id INTEGER NOT NULL, hour INTEGER NOT NULL, contacts INTEGER NOT NULL,
+            PRIMARY KEY (campaign_id, hour))""",
+        """CREATE TRIGGER first_click_counted AFTER INSERT ON campaign_contacts
+        WHEN NEW.first_click IS NOT NULL BEGIN
+            INSERT INTO first_clicks VALUES (NEW.campaign_id,
+                CAST(NEW.first_click / 3600 AS INTEGER), 1)
+            ON CONFLICT DO UPDATE SET contacts = contacts + 1;
+        END""",
+        """CREATE TRIGGER first_click_moved AFTER UPDATE OF first_click ON campaign_contacts
+        WHEN OLD.first_click IS NOT NEW.first_click BEGIN
+            UPDATE first_clicks SET contacts = contacts - 1
+                WHERE OLD.first_click IS NOT NULL AND campaign_id = OLD.campaign_id
+                AND hour = CAST(OLD.first_click / 3600 AS INTEGER);
+            INSERT INTO first_clicks
+                SELECT NEW.campaign_id, CAST(NEW.first_click / 3600 AS INTEGER), 1
+                WHERE NEW.first_click IS NOT NULL
+            ON CONFLICT DO UPDATE SET contacts = contacts + 1;
+        END""",
+        # A contact left without a human click (its clicks judged bots) has no first click.
+        """CREATE TRIGGER first_click_gone AFTER UPDATE OF human_clicks ON campaign_contacts
+        WHEN NEW.human_clicks <= 0 AND NEW.first_click IS NOT NULL BEGIN
+            UPDATE campaign_contacts SET first_click = NULL
+                WHERE campaign_id = NEW.campaign_id AND contact_key = NEW.contact_key;
+        END""",
+        """UPDATE campaign_contacts SET first_click = (
+            SELECT min(lc.first_click) FROM link_contacts lc JOIN links l ON l.id = lc.link_id
+            WHERE l.campaign_id = campaign_contacts.campaign_id
+                AND lc.contact_key = campaign_contacts.contact_key AND lc.human_clicks > 0)
+        WHERE human_clicks > 0""",
     ],
 ]
 # The key a send's clicks are counted under: its contact, or the send itself.
@@ -332,10 +386,13 @@ _ROLL_UP = [
     ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
         bot_clicks = bot_clicks + excluded.bot_clicks,
         text_clicks = text_clicks + excluded.text_clicks""",
-    """INSERT INTO campaign_contacts (campaign_id, contact_key, human_clicks)
-    SELECT campaign_id, contact_key, sum(bot_reason IS NULL)
+    """INSERT INTO campaign_contacts (campaign_id, contact_key, human_clicks, first_click)
+    SELECT campaign_id, contact_key, sum(bot_reason IS NULL),
+        min(iif(bot_reason IS NULL, clicked_at, NULL))
     FROM clicks, roll_range WHERE id > last AND id <= top GROUP BY campaign_id, contact_key
-    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks""",
+    ON CONFLICT DO UPDATE SET human_clicks = human_clicks + excluded.human_clicks,
+        first_click = coalesce(min(first_click, excluded.first_click), first_click,
+                               excluded.first_click)""",
     """INSERT INTO link_contacts (link_id, contact_key, send_id, human_clicks, bot_clicks,
                                first_click, last_click)
     SELECT link_id, contact_key, max(send_id), sum(bot_reason IS NULL),
@@ -353,6 +410,11 @@ _ROLL_UP = [
     FROM clicks, roll_range WHERE id > last AND id <= top AND bot_reason IS NULL
     GROUP BY 1, 2, 3, 4
     ON CONFLICT DO UPDATE SET human = human + excluded.human""",  # noqa: S608 (constants)
+    """INSERT INTO placement_stats (link_id, placement, human)
+    SELECT link_id, placement, count(*) FROM clicks, roll_range
+    WHERE id > last AND id <= top AND bot_reason IS NULL AND placement IS NOT NULL
+    GROUP BY link_id, placement
+    ON CONFLICT DO UPDATE SET human = human + excluded.human""",
     """INSERT INTO click_hours (campaign_id, hour, human, bot)
     SELECT campaign_id, CAST(clicked_at / 3600 AS INT) AS hour, sum(bot_reason IS NULL),
         sum(bot_reason IS NOT NULL)
@@ -378,11 +440,11 @@ def _roll_up_script(limit: int) -> str:
 
 _INSERT_CLICKS = f"""
     INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, ip, user_agent,
-                        method, bot_reason, part, device, os, client)
+                        method, bot_reason, part, device, os, client, placement)
     SELECT s.campaign_id, l.id, s.id, {_CONTACT_KEY}, c.value ->> 2,
            iif(s.anonymous, NULL, c.value ->> 3), iif(s.anonymous, NULL, c.value ->> 4),
            c.value ->> 5, c.value ->> 6, c.value ->> 7, c.value ->> 8, c.value ->> 9,
-           c.value ->> 10
+           c.value ->> 10, c.value ->> 11
     FROM json_each(?) c
     JOIN sends s ON s.id = c.value ->> 0
     JOIN links l ON l.id = c.value ->> 1 AND l.campaign_id = s.campaign_id
@@ -439,6 +501,7 @@ _ERASE = [
     " WHERE campaign_id = :campaign AND contact_key = :old",
     "UPDATE link_contacts SET contact_key = :new WHERE contact_key = :old"
     " AND link_id IN (SELECT id FROM links WHERE campaign_id = :campaign)",
+    "DELETE FROM html_copies WHERE send_id = :send",  # a copy may hold what personal data is left
 ]
 # ... and, for an erasure (not for retention, which deletes by age), its events.
 _FORGET_EVENTS = [
@@ -686,7 +749,7 @@ class SQLiteStore:
         # to the database thread, atomic on its own. The report counters follow (`RollUps`).
         rows = json.dumps([
             [c.send_id, c.link_id, c.clicked_at, c.ip, c.user_agent, c.method, c.bot_reason,
-             c.part, *(c.device or (None, None, None))]
+             c.part, *(c.device or (None, None, None)), c.placement]
             for c in clicks
         ])  # fmt: skip
         if not bursts and not opens:
@@ -781,6 +844,35 @@ class SQLiteStore:
             return await self._query(sql, params)
 
         return await read_report(rows[0], self._REPORT if period is None else self._PERIOD, fetch)
+
+    async def compare(self, campaign_ids: Sequence[str]) -> list[Comparison]:
+        await self._rollups.catch_up()
+        found = []
+        for campaign_id in campaign_ids:
+            rows = await self._query(f"{self._SUMMARY} WHERE c.campaign_key = ?", (campaign_id,))
+            if rows:
+                hours = await self._query(FIRST_CLICKS.format(campaign=":campaign"),
+                                          {"campaign": rows[0]["id"]})  # fmt: skip
+                found.append(comparison_of(rows[0], hours))
+        return found
+
+    async def keep_html_copy(self, send_id: int, html: str) -> None:
+        await self._write(
+            "INSERT INTO html_copies SELECT campaign_id, id, ? FROM sends WHERE id = ?"
+            " ON CONFLICT DO NOTHING",
+            (html, send_id),
+        )
+
+    async def click_map(self, campaign_id: str) -> ClickMap | None:
+        await self._rollups.catch_up()
+        rows = await self._query("SELECT id FROM campaigns WHERE campaign_key = ?", (campaign_id,))
+        if not rows:
+            return None
+        copies = await self._query(
+            "SELECT html FROM html_copies WHERE campaign_id = ?", (rows[0]["id"],)
+        )
+        places = await self._query(PLACES.format(campaign="?"), (rows[0]["id"],))
+        return click_map_of(copies, places)
 
     async def link_contacts(
         self, campaign_id: str, link_id: int, after: str | None = None, limit: int = 50

@@ -20,7 +20,9 @@ from clickrelay.tracking.links import Link, LinkRules
 from clickrelay.tracking.pixel import pixel_edit
 from clickrelay.tracking.tokens import Kind
 
-TrackingURL = Callable[[LinkKey, Kind], str]  # a tracked link's tracking URL, by its key and kind
+# A tracked link's tracking URL, by its key, kind and placement (HTML: which of the link's places
+# in its part, from 0; None in plain text).
+TrackingURL = Callable[[LinkKey, Kind, int | None], str]
 # How a part's text takes new URLs: HTML escapes them for their attribute (and removes opt-out
 # and label attributes), plain text writes them as they are.
 Splicer = Callable[[str, Sequence[tuple[Link, str | None]]], list[links.Edit]]
@@ -41,17 +43,33 @@ class PartPlan:
             return True
         return any(reason is None or link.removed for link, reason in self.judged)
 
+    def placements(self) -> list[int | None]:
+        """For each judged link of an HTML part, which place of its link it is (0 for the first
+        with that URL and label, 1 for the next, ...); None for plain text and untracked links."""
+        if self.kind is not Kind.HTML:
+            return [None] * len(self.judged)
+        seen: Counter[LinkKey] = Counter()
+        places: list[int | None] = []
+        for link, reason in self.judged:
+            if reason is None:
+                places.append(seen[key_of(link)])
+                seen[key_of(link)] += 1
+            else:
+                places.append(None)
+        return places
+
     def rewritten(
         self, tracking_url: TrackingURL, pixel_url: str | None = None
     ) -> tuple[str, list[links.Edit]]:
         """The part's text with tracked URLs replaced, the attributes meant for clickrelay
         (opt-out, label) removed and, given its URL, the open pixel put in (HTML); the edits."""
         text = self.decoded.text
+        places = self.placements()
         edits = _SPLICERS[self.kind](
             text,
             [
-                (link, tracking_url(key_of(link), self.kind) if reason is None else None)
-                for link, reason in self.judged
+                (link, tracking_url(key_of(link), self.kind, place) if reason is None else None)
+                for (link, reason), place in zip(self.judged, places, strict=True)
             ],
         )
         if pixel_url is not None and self.kind is Kind.HTML:

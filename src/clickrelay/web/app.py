@@ -120,7 +120,7 @@ class ClickService:
         click = NewClick(
             token.send_id, link.link_id, now, ip, (user_agent or "")[:512] or None,
             request.method, verdict.reason, "text" if token.kind is Kind.TEXT else "html",
-            (device.kind, device.os, device.client),
+            (device.kind, device.os, device.client), token.placement,
         )  # fmt: skip
         await self.recorder.record(click, verdict.burst_since)
         return web.Response(status=302, headers={**NO_STORE, "Location": to_uri(link.url)})
