@@ -37,6 +37,9 @@ def newsletter(elsewhere: str) -> str:
 <script>new Image().src = "{elsewhere}/script-ran";</script>
 <img src="data:," onerror="new Image().src='{elsewhere}/handler-ran'" alt="">
 <meta http-equiv="refresh" content="0;url={elsewhere}/refreshed">
+<svg width="40" height="20"><a xlink:href="{elsewhere}/svg-link"><text y="15">SVG</text></a></svg>
+<a data-clickrelay="999 clicks · 100%" href="{BOOTS}#faked">A badge of its own</a>
+<p>Order 123456 and /img/cust-47110.png are not the contact's id.</p>
 </body></html>
 """
 
@@ -70,7 +73,7 @@ async def relay_and_click(relay, web, upstream, html: str) -> None:
     """Relay the mail; click the sale link's places 2, 1, 1 (the banner twice, the bottom
     button and the Outlook button once) and the boots once: five human clicks."""
     assert (await send(relay.port, mail(html), rcpts=["alice@example.com"]))[-1].startswith("250")
-    banner, bottom, outlook, boots = TRACKING.findall(upstream.received[-1].content)
+    banner, bottom, outlook, boots, _ = TRACKING.findall(upstream.received[-1].content)
     for path in (banner, banner, bottom, outlook, boots):
         response = await web.get(path.decode(), headers={"User-Agent": BROWSER})
         assert response.status == 302
@@ -93,20 +96,37 @@ async def test_the_map_counts_every_place_of_a_link_in_an_inert_copy(map_setting
     assert [(place, clicks, share) for _, place, clicks, share in rows] == [
         ("1st place of this link", "2", "40.0%"), ("2nd place of this link", "1", "20.0%"),
         ("Outlook button (VML, not drawn above)", "1", "20.0%"),
-        ("1st place of this link", "1", "20.0%"),
+        ("1st place of this link", "1", "20.0%"), ("1st place of this link", "0", "0.0%"),
     ]  # fmt: skip
     assert SALE in rows[0][0] and "hero" in rows[3][0] and BOOTS in rows[3][0]
     status, headers, copy = frame
     policy = headers["Content-Security-Policy"]
     assert status == 200 and "sandbox" in policy and "img-src data:;" in policy
     assert headers["X-Frame-Options"] == "SAMEORIGIN" and "script-src" not in policy
-    badges = re.findall(r'data-clickrelay="([^"]*)"', copy)
+    (badge,) = set(re.findall(r"\[(data-[0-9a-f]{12})\]", copy))  # one the mail cannot know
+    badges = re.findall(badge + r'="([^"]*)"', copy)
     assert badges == ["2 clicks · 40.0%", "1 click · 20.0%", "1 click · 20.0%",
-                      "1 click · 20.0%"]  # fmt: skip
+                      "1 click · 20.0%", "0 clicks · 0.0%"]  # fmt: skip
     assert set(re.findall(r'href="([^"]*)"', copy)) == {"#"}  # nothing to follow
-    assert "alice" not in copy and "cust-4711" not in copy and "[recipient]" in copy
+    assert "svg-link" not in copy
+    assert "alice" not in copy and " cust-4711" not in copy and "[recipient]" in copy
+    assert "Order 123456 and /img/cust-47110.png" in copy  # only the id itself is replaced
     assert "click.test/c/" not in copy and "shop.test/unsub" not in copy
     assert "img-src data: https: http:" in with_images[1]["Content-Security-Policy"]
+
+
+async def test_a_send_without_its_contact_leaves_no_copy(map_settings, upstream):
+    """Without the recipient's identity there is no knowing what to take out of the copy:
+    the next send with one gives the campaign its copy."""
+    html = newsletter("http://elsewhere.test")
+    anonymous = mail(html).replace(b"X-Contact-Id: cust-4711\r\n", b"X-Track-Contact: no\r\n")
+    async with start_relay(map_settings) as relay, start_web(map_settings) as web:
+        await send(relay.port, anonymous, rcpts=["alice@example.com"])
+        before = await web.store.click_map("autumn")
+        await send(relay.port, mail(html), rcpts=["alice@example.com"])
+        after = await web.store.click_map("autumn")
+    assert before is not None and before.html is None
+    assert after is not None and after.html is not None and "alice" not in after.html
 
 
 async def test_without_copies_the_map_says_so_and_keeps_nothing(map_settings, upstream):
@@ -159,7 +179,8 @@ async def test_the_map_in_chromium_runs_nothing_and_loads_images_only_when_asked
                 shot = await tools.call("Page.captureScreenshot", format="png")
                 frames = await attributes_of(tools, "iframe")
                 await visit(tools, base + "/frame")  # the copy on its own: no script either
-                marks = await attributes_of(tools, "[data-clickrelay]")
+                marks = [m for m in await attributes_of(tools, "a")
+                         if any(re.fullmatch(r"data-[0-9a-f]{12}", k) for k in m)]  # fmt: skip
                 asked_before_images = list(elsewhere.asked)
                 await visit(tools, base + "?images=1")
                 await visit(tools, base + "/frame?images=1")
@@ -173,10 +194,11 @@ async def test_the_map_in_chromium_runs_nothing_and_loads_images_only_when_asked
     (ARTIFACTS / "click-map.png").write_bytes(png)
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert [f.get("sandbox") for f in frames] == [""]
-    # the three drawn places (the Outlook button is in a comment to a browser)
-    assert [m["data-clickrelay"] for m in marks] == [
-        "2 clicks · 40.0%", "1 click · 20.0%", "1 click · 20.0%"
-    ]  # fmt: skip
+    # the drawn places (the Outlook button is in a comment to a browser); the mail's own
+    # data-clickrelay is no badge
+    badges = [next(v for k, v in m.items() if re.fullmatch(r"data-[0-9a-f]{12}", k))
+              for m in marks]  # fmt: skip
+    assert badges == ["2 clicks · 40.0%", "1 click · 20.0%", "1 click · 20.0%", "0 clicks · 0.0%"]
     assert asked_before_images == []  # no script, handler, refresh or image reached out
     assert set(elsewhere.asked) == {"/remote.png"}  # asked for: images, and nothing else
 

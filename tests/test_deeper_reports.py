@@ -13,7 +13,7 @@ import pytest
 
 from clickrelay.config import BotSettings
 from clickrelay.reports.app import CAMPAIGN_FIELDS, chart, timeline
-from clickrelay.storage.base import CampaignReport, CampaignSummary, NewClick
+from clickrelay.storage.base import CampaignReport, CampaignSummary, NewClick, Period
 from clickrelay.web.devices import Device, describe
 
 from support import basic_auth, message, send, start_relay, start_web
@@ -178,6 +178,23 @@ async def test_a_send_without_one_trackable_link_is_reported_as_such(upstream, r
 def one_hour_report(first_send: float) -> CampaignReport:
     summary = CampaignSummary("c", None, "standard", 10, 3, 2, 0, first_send, first_send)
     return CampaignReport(summary, [], [], {}, [(int(first_send // 3600), 3, 1)])
+
+
+def test_a_range_open_at_its_start_charts_from_the_first_send():
+    first_send = 1_700_000_000.0
+    report = one_hour_report(first_send)
+    buckets = timeline(report, now=first_send + 600, period=Period(0.0, first_send + 86400))
+    assert buckets[0].start == int(first_send // 3600) * 3600 and buckets[0].human == 3
+
+
+async def test_a_user_agent_no_parser_can_read_still_gets_its_redirect(report_settings):
+    async with start_web(report_settings) as web:
+        send_id, links = await web.send()
+        response = await web.click(send_id, links["https://example.com/a"], agent="Bad\xff\xfe/1")
+        report = await web.api("/api/campaigns/c1")
+    assert response.status == 302
+    assert report["devices"] == [{"device": "other", "os": "Other", "client": "Other",
+                                  "clicks": 1}]  # fmt: skip
 
 
 def test_a_chart_of_one_hour_of_clicks_has_a_readable_time_axis():

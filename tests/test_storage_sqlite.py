@@ -86,6 +86,7 @@ async def test_clicks_counted_before_devices_count_as_unknown_devices(tmp_path):
             "INSERT INTO campaigns VALUES (1, 'c1', NULL, 'standard', 1.0, 1.0);"
             "INSERT INTO sends (campaign_id, decision, sent_at) VALUES (1, 'tracked', 1.0);"
             "INSERT INTO links (id, campaign_id, url) VALUES (7, 1, 'https://a.example/');"
+            "INSERT INTO campaign_stats VALUES (1, 1, 1, 1);"  # the counted human click
             "INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, method,"
             " bot_reason) VALUES (1, 7, 1, '#1', 2.0, 'GET', NULL), (1, 7, 1, '#1', 3.0, 'HEAD',"
             " 'head'), (1, 7, 1, '#1', 4.0, 'GET', NULL);"

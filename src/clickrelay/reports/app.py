@@ -27,7 +27,7 @@ from urllib.parse import quote, urlencode
 import jinja2
 from aiohttp import web
 
-from clickrelay import passwords
+from clickrelay import cpu, passwords
 from clickrelay.config import ReportsSettings, Settings
 from clickrelay.events.payloads import feed_item
 from clickrelay.isotime import iso
@@ -146,7 +146,9 @@ MIN_HOURS = 24  # a chart spans a day at least: one hour of clicks is a bar, not
 def timeline(report: CampaignReport, now: float, period: Period | None = None) -> list[Bucket]:
     """Clicks per hour for the first 48 hours (from the first send, or the period's start),
     per day after that, up to now (or the period's end); a day at least."""
-    start = report.summary.first_send_at if period is None else period.since
+    start = report.summary.first_send_at
+    if period is not None:
+        start = max(start, period.since)
     end = now if period is None else min(now, period.until - 1)
     first = int(start // 3600)
     counts = {hour: (human, bot) for hour, human, bot in report.hours}
@@ -740,7 +742,11 @@ class Reports:
         found = await self.store.click_map(report.summary.campaign_id)
         if found is None or found.html is None:
             return report, None, []
-        html, places = clickmap.marked(found.html, found.places, report.summary.total_clicks)
+        badge = "data-" + secrets.token_hex(6)
+        html, places = await cpu.run(
+            len(found.html), clickmap.marked, found.html, found.places,
+            report.summary.total_clicks, badge,
+        )  # fmt: skip
         return report, html, places
 
     async def _compared(self, request: web.Request) -> list[Comparison]:

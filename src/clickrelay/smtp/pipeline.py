@@ -214,17 +214,25 @@ class MessagePipeline:
     ) -> None:
         """Keep the HTML of the campaign's first tracked send (for its click map), once. A
         failure costs the map its copy, never the message its tracking."""
-        campaign = prepared.control.campaign_id
+        control = prepared.control
+        campaign = control.campaign_id
         html = next((part for part in plan.parts if part.kind is Kind.HTML), None)
-        if not self.settings.reports.keep_html_copy or html is None or campaign in self._copied:
+        personal = [p for p in (control.contact_id, control.contact_email) if p]
+        if (
+            not self.settings.reports.keep_html_copy or html is None or campaign in self._copied
+            or not personal  # a send without its contact: what to take out is unknown
+            or len(html.decoded.text) > clickmap.MAX_COPY
+        ):  # fmt: skip
             return
         assert campaign is not None
-        personal = [p for p in (prepared.control.contact_id, prepared.control.contact_email) if p]
-        copy = await cpu.run(size, clickmap.copy_of, html, recorded.link_ids, personal)
         try:
+            copy = await cpu.run(size, clickmap.copy_of, html, recorded.link_ids, personal)
             await self.store.keep_html_copy(recorded.send_id, copy)
         except StoreError as exc:
             log.warning("storage failed, no HTML copy of campaign %r kept: %s", campaign, exc)
+            return
+        except Exception:
+            log.exception("no HTML copy of campaign %r kept", campaign)
             return
         self._copied.add(campaign)
 

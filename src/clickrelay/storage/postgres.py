@@ -324,8 +324,8 @@ MIGRATIONS: list[list[str]] = [
             client text NOT NULL, human bigint NOT NULL,
             PRIMARY KEY (campaign_id, device, os, client))""",
         """INSERT INTO device_stats
-            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', count(*) FROM clicks
-            WHERE bot_reason IS NULL AND rolled GROUP BY campaign_id""",
+            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', human_clicks
+            FROM campaign_stats WHERE human_clicks > 0""",
         f"""CREATE FUNCTION move_device_to_bots() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             UPDATE device_stats SET human = human - 1 WHERE campaign_id = NEW.campaign_id

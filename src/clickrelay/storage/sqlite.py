@@ -296,10 +296,8 @@ MIGRATIONS: list[list[str]] = [
             client TEXT NOT NULL, human INTEGER NOT NULL,
             PRIMARY KEY (campaign_id, device, os, client))""",
         """INSERT INTO device_stats
-            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', count(*) FROM clicks
-            WHERE bot_reason IS NULL
-                AND id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')
-            GROUP BY campaign_id""",
+            SELECT campaign_id, 'unknown', 'Unknown', 'Unknown', human_clicks
+            FROM campaign_stats WHERE human_clicks > 0""",
         f"""CREATE TRIGGER device_clicks_judged_bots AFTER UPDATE OF bot_reason ON clicks
         WHEN OLD.bot_reason IS NULL AND NEW.bot_reason IS NOT NULL
             AND NEW.id <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rolled_up')

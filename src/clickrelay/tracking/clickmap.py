@@ -24,6 +24,10 @@ from clickrelay.tracking.rewrite import PartPlan, key_of
 
 PLACEHOLDER = re.compile(r"clickrelay:(\d{1,19}):(\d{1,3})")
 SHORTEST_PERSONAL = 4  # a contact id shorter than this is replaced nowhere (it is any number)
+MAX_COPY = 2 * 1024 * 1024  # characters: a bigger HTML part (hostile, or not a newsletter) is
+# not kept, so that drawing its map stays quick
+# Links a browser follows that `find_links` does not report (SVG's xlink:href): made inert too.
+_XLINK = re.compile(r"""(\sxlink:href\s*=\s*)("[^"]*"|'[^']*'|[^\s>]+)""", re.IGNORECASE)
 
 
 def copy_of(part: PartPlan, link_ids: Mapping[LinkKey, int], personal: Iterable[str]) -> str:
@@ -31,7 +35,7 @@ def copy_of(part: PartPlan, link_ids: Mapping[LinkKey, int], personal: Iterable[
     recipient's address and contact id)."""
     text = part.decoded.text
     hrefs = [
-        (link, "#" if reason else f"clickrelay:{link_ids[key_of(link)]}:{place}")
+        (link, "#" if reason else f"clickrelay:{link_ids[key_of(link)]}:{min(place, 255)}")
         for (link, reason), place in zip(part.judged, part.placements(), strict=True)
     ]
     edits = links.edits(text, hrefs)
@@ -39,12 +43,16 @@ def copy_of(part: PartPlan, link_ids: Mapping[LinkKey, int], personal: Iterable[
     for secret in sorted({p for p in personal if len(p) >= SHORTEST_PERSONAL}, key=len,
                          reverse=True):  # fmt: skip
         for written in {secret, quote(secret, safe=""), escape(secret)}:
-            for found in re.finditer(re.escape(written), text, re.IGNORECASE):
+            alone = rf"(?<![\w.@%+-]){re.escape(written)}(?![\w@%+-]|\.\w)"
+            for found in re.finditer(alone, text, re.IGNORECASE):
                 span = found.span()
                 if not any(start < span[1] and span[0] < end for start, end in taken):
                     edits.append((*span, "[recipient]"))
                     taken.append(span)
     return apply_edits(text, sorted(edits))
+
+
+BADGE = "data-clickrelay"  # the badge attribute by default (the map page names one per view)
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,23 @@ class Place:
     share: float  # of the campaign's human clicks
 
 
-# Badges drawn by the map's stylesheet from each marked link's data-clickrelay attribute.
+# Badges drawn by the map's stylesheet from each marked link's badge attribute ({name}: one the
+# mail cannot guess, so that it cannot draw badges of its own).
 MAP_STYLE = """<style>
-[data-clickrelay] { outline: 3px solid #e53e3e !important; outline-offset: 1px;
-  position: relative !important; }
-[data-clickrelay]::after { content: attr(data-clickrelay); position: absolute; left: 0;
+[{name}] {{ outline: 3px solid #e53e3e !important; outline-offset: 1px;
+  position: relative !important; }}
+[{name}]::after {{ content: attr({name}); position: absolute; left: 0;
   top: 100%; z-index: 2147483647; background: #e53e3e; color: #fff; white-space: nowrap;
-  font: bold 12px/1.4 sans-serif; padding: 1px 5px; border-radius: 3px; text-decoration: none; }
+  font: bold 12px/1.4 sans-serif; padding: 1px 5px; border-radius: 3px; text-decoration: none; }}
 </style>"""
 
 
-def marked(copy: str, clicks: Mapping[tuple[int, int], int], total: int) -> tuple[str, list[Place]]:
+def marked(
+    copy: str, clicks: Mapping[tuple[int, int], int], total: int, badge: str = BADGE
+) -> tuple[str, list[Place]]:
     """The copy to show in the map's frame, and its places in document order: every href made
-    inert (`#`), each tracked one's element labelled with its clicks and share of `total`."""
+    inert (`#`), each tracked one's element labelled with its clicks and share of `total` in
+    its `badge` attribute."""
     found = find_links(copy)
     edits = links.edits(copy, [(link, "#") for link in found])
     places = []
@@ -82,10 +94,11 @@ def marked(copy: str, clicks: Mapping[tuple[int, int], int], total: int) -> tupl
         count = clicks.get((link_id, placement), 0)
         place = Place(link_id, placement, link.tag.startswith("v:"), count, _share(count, total))
         places.append(place)
-        badge = f"{count} click{'' if count == 1 else 's'} · {place.share * 100:.1f}%"
+        label = f"{count} click{'' if count == 1 else 's'} · {place.share * 100:.1f}%"
         after = link.end + (1 if link.quote else 0)  # past the closing quote
-        edits.append((after, after, f' data-clickrelay="{escape(badge)}"'))
-    return _with_style(apply_edits(copy, sorted(edits))), places
+        edits.append((after, after, f' {badge}="{escape(label)}"'))
+    inert = _XLINK.sub(r'\1"#"', apply_edits(copy, sorted(edits)))
+    return _with_style(inert, MAP_STYLE.format(name=badge)), places
 
 
 def _share(count: int, total: int) -> float:
@@ -95,9 +108,9 @@ def _share(count: int, total: int) -> float:
 _HEAD_END = re.compile(r"</head\s*>", re.IGNORECASE)
 
 
-def _with_style(html: str) -> str:
+def _with_style(html: str, style: str) -> str:
     """The badges' stylesheet at the end of the head (or first, for a fragment)."""
     end = _HEAD_END.search(html)
     if end is None:
-        return MAP_STYLE + html
-    return html[: end.start()] + MAP_STYLE + html[end.start() :]
+        return style + html
+    return html[: end.start()] + style + html[end.start() :]

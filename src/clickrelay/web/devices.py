@@ -23,6 +23,7 @@ DESKTOP_SYSTEMS = frozenset({
     "FreeBSD", "OpenBSD", "NetBSD", "Solaris", "Red Hat", "SUSE", "Mint", "Arch Linux",
 })  # fmt: skip
 UNKNOWN = "Other"  # ua-parser's own word for a family it does not know
+MAX_AGENT = 512  # characters read (as many as a click keeps)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ def describe(user_agent: str | None) -> Device:
     """The device of a user agent (`other` throughout for none)."""
     if not user_agent:
         return Device("other", UNKNOWN, UNKNOWN)
-    found = ua_parser.parse(user_agent)
+    try:
+        found = ua_parser.parse(user_agent[:MAX_AGENT])
+    except Exception:  # a parser bug must not fail a click: the device is merely unknown
+        return Device("other", UNKNOWN, UNKNOWN)
     os = found.os.family if found.os else UNKNOWN
     client = found.user_agent.family if found.user_agent else UNKNOWN
     return Device(_kind(user_agent, os, found.device), os, client)
