@@ -14,10 +14,11 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from ports import free_port
 
 from clickrelay.config import StorageSettings, StorageURL
 
@@ -50,7 +51,7 @@ class PostgresServer:
         self.durable = durable
         self.folder = Path(tempfile.mkdtemp(prefix="clickrelay-pg-"))
         self.data = self.folder / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._names = itertools.count(1)
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
@@ -139,12 +140,6 @@ def storage_for(tmp_path: Path, backend: str = BACKEND) -> StorageSettings:
         return StorageSettings(database=tmp_path / "clickrelay.sqlite3")
     url = server().new_database()
     return StorageSettings(url=StorageURL("postgresql", url))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def query(storage: StorageSettings, sql: str, *args: object) -> list[tuple]:

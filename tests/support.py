@@ -13,6 +13,8 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from ports import LOOPBACK
+from ports import free_port as free_port  # (tests take it from here)
 
 from clickrelay.config import (
     HostPort,
@@ -32,7 +34,6 @@ from clickrelay.tracking.tokens import Signer
 
 import pg
 
-LOOPBACK = "127.0.0.1"
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/130.0 Safari/537.36"
@@ -319,14 +320,6 @@ def growth(func, small, large) -> float:
         return fastest
 
     return best(large) / max(best(small), 1e-4)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 class ServiceProcess:
