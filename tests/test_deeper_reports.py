@@ -148,6 +148,17 @@ async def test_a_date_range_narrows_every_figure_of_the_campaign(report_settings
     assert f'value="{two_days_ago}"' in page and "(UTC, both days included)" in page
     assert f"/devices/export.csv?from={two_days_ago}&amp;to={two_days_ago}" in page
     assert all(body.startswith("Bad request:") for body in bad)
+    assert "retention_days" not in page  # clicks are kept for ever: nothing pruned
+
+
+async def test_a_range_past_the_retention_says_its_clicks_are_gone(report_settings):
+    settings = replace(report_settings, privacy=replace(report_settings.privacy,
+                                                        retention_days=30))  # fmt: skip
+    async with start_web(settings) as web:
+        await web.send()
+        old = await text(web, "/reports/campaigns/c1?from=2000-01-01&to=2000-12-31")
+        recent = await text(web, f"/reports/campaigns/c1?from={datetime.now(UTC).date()}")
+    assert "Clicks are kept for 30 days" in old and "Clicks are kept for" not in recent
 
 
 def campaign_mail(html: str) -> bytes:

@@ -732,6 +732,7 @@ class Reports:
             descending=descending, chart=chart(timeline(report, time.time(), period)),
             variants=side_by_side(report.variants), device_types=device_types(report.devices),
             period=period and period_json(period), range_query=_range_query(request),
+            pruned_days=self._pruned_days(period),
             link_reasons=LINK_REASONS, send_reasons=SEND_REASONS, sends=_decisions(report),
             refused=sum(n for (_, o), n in report.sends.items() if o in ("refused", "deferred")),
         )  # fmt: skip
@@ -796,6 +797,15 @@ class Reports:
             raise web.HTTPNotFound(text="No copy of this campaign's HTML is kept.\n")
         headers = frame_headers(request.query.get("images") == "1")
         return web.Response(text=html, content_type="text/html", headers=headers)
+
+    def _pruned_days(self, period: Period | None) -> int | None:
+        """`[privacy] retention_days` when the period reaches back past it: the click rows a
+        period is counted from are deleted after that many days (the campaign's totals keep
+        them)."""
+        days = self.settings.privacy.retention_days
+        if period is None or not days or period.since >= time.time() - days * 86400:
+            return None
+        return days
 
     async def link_page(self, request: web.Request) -> web.Response:
         page = await self._contacts(request, PAGE_SIZE, request.query.get("after"))
