@@ -118,10 +118,38 @@ class DevTools:
         )
         self.session = attached["sessionId"]
 
+    async def navigate(self, url: str) -> None:
+        """Load `url` in the page, until its load event."""
+        since = len(self.log)
+        navigated = await self.call("Page.navigate", url=url)
+        assert "errorText" not in navigated, navigated
+        await self.wait_until(lambda method, _: method == "Page.loadEventFired" or None, since)
+
     async def close(self) -> None:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
+
+
+@contextlib.asynccontextmanager
+async def browser_page(
+    session: aiohttp.ClientSession, endpoint: str, domains: Sequence[str],
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[DevTools]:  # fmt: skip
+    """A fresh tab of the chromium at `endpoint` with these DevTools `domains` enabled (and
+    `headers` sent with every request it makes)."""
+    socket = await session.ws_connect(endpoint, max_msg_size=64 * 2**20)
+    tools = DevTools(socket)
+    try:
+        await tools.open_page()
+        for domain in domains:
+            await tools.call(f"{domain}.enable")
+        if headers:
+            await tools.call("Network.setExtraHTTPHeaders", headers=headers)
+        yield tools
+    finally:
+        await tools.close()
+        await socket.close()
 
 
 @contextlib.asynccontextmanager

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from clickrelay.config import Settings
+from clickrelay.config import BotSettings, Settings
 
 from postfix import UPSTREAM_LISTENERS, PostfixInstance, SmtpSink
 from support import ScriptedUpstream, corpus_path, free_port, relay_settings, start_relay
@@ -24,6 +25,16 @@ async def upstream():
 @pytest.fixture
 def settings(tmp_path: Path, upstream: ScriptedUpstream) -> Settings:
     return relay_settings(tmp_path, upstream.port)
+
+
+@pytest.fixture
+def report_settings(settings: Settings) -> Settings:
+    """Reports on (password "pw"); every click judged at once (no bot timing rules)."""
+    return replace(
+        settings,
+        reports=replace(settings.reports, password="pw"),
+        bots=BotSettings(min_seconds_after_send=0, burst_links=0),
+    )
 
 
 @pytest.fixture

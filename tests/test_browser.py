@@ -9,7 +9,7 @@ import base64
 from dataclasses import replace
 from pathlib import Path
 
-from browser import DevTools, console_errors, headless_chromium
+from browser import DevTools, browser_page, console_errors, headless_chromium
 from support import basic_auth, start_web
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -59,22 +59,12 @@ async def test_campaign_page_renders_in_a_real_browser(settings, tmp_path):
     async with start_web(settings) as web, headless_chromium(tmp_path / "profile") as endpoint:
         links = await seed(web)
         page_url = web.base + "/reports/campaigns/autumn-26"
-        socket = await web.session.ws_connect(endpoint, max_msg_size=64 * 2**20)
-        tools = DevTools(socket)
-        try:
-            await tools.open_page()
-            for domain in ("Page", "Network", "Runtime", "Log"):
-                await tools.call(f"{domain}.enable")
-            await tools.call("Network.setExtraHTTPHeaders", headers=basic_auth())
-            navigated = await tools.call("Page.navigate", url=page_url)
-            assert "errorText" not in navigated, navigated
-            await tools.wait_for("Page.loadEventFired")
+        domains = ("Page", "Network", "Runtime", "Log")
+        async with browser_page(web.session, endpoint, domains, basic_auth()) as tools:
+            await tools.navigate(page_url)
             seen = await tools.call("Runtime.evaluate", expression=INSPECT, returnByValue=True)
             shot = await tools.call("Page.captureScreenshot", format="png",
                                     captureBeyondViewport=True)  # fmt: skip
-        finally:
-            await tools.close()
-            await socket.close()
 
     ARTIFACTS.mkdir(exist_ok=True)
     png = base64.b64decode(shot["data"])
@@ -115,10 +105,7 @@ SMALL_SCREEN = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": T
 
 async def visit(tools: DevTools, url: str) -> dict:
     """Load `url` in the page; its LAYOUT and a whole-page screenshot."""
-    since = len(tools.log)
-    navigated = await tools.call("Page.navigate", url=url)
-    assert "errorText" not in navigated, navigated
-    await tools.wait_until(lambda method, _: method == "Page.loadEventFired" or None, since)
+    await tools.navigate(url)
     seen = await tools.call("Runtime.evaluate", expression=LAYOUT, returnByValue=True)
     assert "exceptionDetails" not in seen, seen
     shot = await tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
@@ -143,18 +130,10 @@ async def test_every_report_page_fits_a_390px_screen(settings, tmp_path):
             "map": base + "/campaigns/autumn-26/map",
             "compare": base + "/compare?c=autumn-26&c=winter-26",
         }  # fmt: skip
-        socket = await web.session.ws_connect(endpoint, max_msg_size=64 * 2**20)
-        tools = DevTools(socket)
-        try:
-            await tools.open_page()
-            for domain in ("Page", "Network", "Runtime"):
-                await tools.call(f"{domain}.enable")
-            await tools.call("Network.setExtraHTTPHeaders", headers=basic_auth())
+        domains = ("Page", "Network", "Runtime")
+        async with browser_page(web.session, endpoint, domains, basic_auth()) as tools:
             await tools.call("Emulation.setDeviceMetricsOverride", **SMALL_SCREEN)
             seen = {name: await visit(tools, url) for name, url in pages.items()}
-        finally:
-            await tools.close()
-            await socket.close()
     ARTIFACTS.mkdir(exist_ok=True)
     for name, layout in seen.items():
         (ARTIFACTS / f"{name}-390px.png").write_bytes(layout["png"])

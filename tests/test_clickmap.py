@@ -9,10 +9,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
-from browser import DevTools, headless_chromium
+from browser import DevTools, browser_page, headless_chromium
 from support import LOOPBACK, basic_auth, free_port, message, send, start_relay, start_web
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -53,17 +52,6 @@ def mail(html: str) -> bytes:
     )  # fmt: skip
 
 
-@pytest.fixture
-def map_settings(settings):
-    from clickrelay.config import BotSettings
-
-    return replace(
-        settings,
-        reports=replace(settings.reports, password="pw"),
-        bots=BotSettings(min_seconds_after_send=0, burst_links=0),
-    )
-
-
 async def get(web, path: str):
     async with web.session.get(web.base + path, headers=basic_auth()) as response:
         return response.status, response.headers, await response.text()
@@ -79,8 +67,8 @@ async def relay_and_click(relay, web, upstream, html: str) -> None:
         assert response.status == 302
 
 
-async def test_the_map_counts_every_place_of_a_link_in_an_inert_copy(map_settings, upstream):
-    async with start_relay(map_settings) as relay, start_web(map_settings) as web:
+async def test_the_map_counts_every_place_of_a_link_in_an_inert_copy(report_settings, upstream):
+    async with start_relay(report_settings) as relay, start_web(report_settings) as web:
         await relay_and_click(relay, web, upstream, newsletter("http://elsewhere.test"))
         page = await get(web, "/reports/campaigns/autumn/map")
         frame = await get(web, "/reports/campaigns/autumn/map/frame")
@@ -115,12 +103,12 @@ async def test_the_map_counts_every_place_of_a_link_in_an_inert_copy(map_setting
     assert "img-src data: https: http:" in with_images[1]["Content-Security-Policy"]
 
 
-async def test_a_send_without_its_contact_leaves_no_copy(map_settings, upstream):
+async def test_a_send_without_its_contact_leaves_no_copy(report_settings, upstream):
     """Without the recipient's identity there is no knowing what to take out of the copy:
     the next send with one gives the campaign its copy."""
     html = newsletter("http://elsewhere.test")
     anonymous = mail(html).replace(b"X-Contact-Id: cust-4711\r\n", b"X-Track-Contact: no\r\n")
-    async with start_relay(map_settings) as relay, start_web(map_settings) as web:
+    async with start_relay(report_settings) as relay, start_web(report_settings) as web:
         await send(relay.port, anonymous, rcpts=["alice@example.com"])
         before = await web.store.click_map("autumn")
         await send(relay.port, mail(html), rcpts=["alice@example.com"])
@@ -129,8 +117,10 @@ async def test_a_send_without_its_contact_leaves_no_copy(map_settings, upstream)
     assert after is not None and after.html is not None and "alice" not in after.html
 
 
-async def test_without_copies_the_map_says_so_and_keeps_nothing(map_settings, upstream):
-    settings = replace(map_settings, reports=replace(map_settings.reports, keep_html_copy=False))
+async def test_without_copies_the_map_says_so_and_keeps_nothing(report_settings, upstream):
+    settings = replace(
+        report_settings, reports=replace(report_settings.reports, keep_html_copy=False)
+    )
     async with start_relay(settings) as relay, start_web(settings) as web:
         await relay_and_click(relay, web, upstream, newsletter("http://elsewhere.test"))
         status, _, html = await get(web, "/reports/campaigns/autumn/map")
@@ -152,7 +142,7 @@ class Elsewhere:
 
 
 async def test_the_map_in_chromium_runs_nothing_and_loads_images_only_when_asked(
-    map_settings, upstream, tmp_path
+    report_settings, upstream, tmp_path
 ):
     elsewhere = Elsewhere()
     app = web.Application()
@@ -163,30 +153,22 @@ async def test_the_map_in_chromium_runs_nothing_and_loads_images_only_when_asked
     await web.TCPSite(runner, LOOPBACK, port).start()
     try:
         async with (
-            start_relay(map_settings) as relay, start_web(map_settings) as service,
+            start_relay(report_settings) as relay, start_web(report_settings) as service,
             headless_chromium(tmp_path / "profile") as endpoint,
         ):  # fmt: skip
             await relay_and_click(relay, service, upstream, newsletter(f"http://{LOOPBACK}:{port}"))
             base = service.base + "/reports/campaigns/autumn/map"
-            socket = await service.session.ws_connect(endpoint, max_msg_size=64 * 2**20)
-            tools = DevTools(socket)
-            try:
-                await tools.open_page()
-                for domain in ("Page", "Network", "DOM"):
-                    await tools.call(f"{domain}.enable")
-                await tools.call("Network.setExtraHTTPHeaders", headers=basic_auth())
-                await visit(tools, base)
+            domains = ("Page", "Network", "DOM")
+            async with browser_page(service.session, endpoint, domains, basic_auth()) as tools:
+                await tools.navigate(base)
                 shot = await tools.call("Page.captureScreenshot", format="png")
                 frames = await attributes_of(tools, "iframe")
-                await visit(tools, base + "/frame")  # the copy on its own: no script either
+                await tools.navigate(base + "/frame")  # the copy on its own: no script either
                 marks = [m for m in await attributes_of(tools, "a")
                          if any(re.fullmatch(r"data-[0-9a-f]{12}", k) for k in m)]  # fmt: skip
                 asked_before_images = list(elsewhere.asked)
-                await visit(tools, base + "?images=1")
-                await visit(tools, base + "/frame?images=1")
-            finally:
-                await tools.close()
-                await socket.close()
+                await tools.navigate(base + "?images=1")
+                await tools.navigate(base + "/frame?images=1")
     finally:
         await runner.cleanup()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -201,13 +183,6 @@ async def test_the_map_in_chromium_runs_nothing_and_loads_images_only_when_asked
     assert badges == ["2 clicks · 40.0%", "1 click · 20.0%", "1 click · 20.0%", "0 clicks · 0.0%"]
     assert asked_before_images == []  # no script, handler, refresh or image reached out
     assert set(elsewhere.asked) == {"/remote.png"}  # asked for: images, and nothing else
-
-
-async def visit(tools: DevTools, url: str) -> None:
-    since = len(tools.log)
-    navigated = await tools.call("Page.navigate", url=url)
-    assert "errorText" not in navigated, navigated
-    await tools.wait_until(lambda method, _: method == "Page.loadEventFired" or None, since)
 
 
 async def attributes_of(tools: DevTools, selector: str) -> list[dict[str, str]]:

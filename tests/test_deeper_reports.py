@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from clickrelay.config import BotSettings
 from clickrelay.reports.app import CAMPAIGN_FIELDS, chart, timeline
 from clickrelay.storage.base import CampaignReport, CampaignSummary, NewClick, Period
 from clickrelay.web.devices import Device, describe
@@ -63,16 +62,6 @@ THUNDERBIRD = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Thunderb
 )
 def test_user_agents_are_described_coarsely_by_ua_parser(agent, expected):
     assert describe(agent) == expected
-
-
-@pytest.fixture
-def report_settings(settings):
-    """Reports on; every click judged at once (no timing rules)."""
-    return replace(
-        settings,
-        reports=replace(settings.reports, password="pw"),
-        bots=BotSettings(min_seconds_after_send=0, burst_links=0),
-    )
 
 
 async def text(web, path: str, status: int = 200) -> str:

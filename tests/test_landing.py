@@ -257,10 +257,7 @@ class Gate:
 
 async def links_of(tools: DevTools, url: str) -> dict[int, list[str]]:
     """`a.href` of each of the page's document.links, by shape, in document order."""
-    since = len(tools.log)
-    navigated = await tools.call("Page.navigate", url=url)
-    assert "errorText" not in navigated, navigated
-    await tools.wait_until(lambda method, _: method == "Page.loadEventFired" or None, since)
+    await tools.navigate(url)
     seen = await tools.call("Runtime.evaluate", expression=LINKS, returnByValue=True)
     assert "exceptionDetails" not in seen, seen
     found: dict[int, list[str]] = defaultdict(list)

@@ -42,19 +42,25 @@ async def test_schema_is_versioned_and_instance_id_is_stable(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def older_database(path, version: int, rows: str, rolled_up: int) -> None:
+    """A database at schema `version`, as an older clickrelay left it: campaign 1 ("c1") with
+    send 1, the `rows` (SQL) and `rolled_up` clicks counted."""
+    with sqlite3.connect(path) as db:
+        for statement in [s for migration in MIGRATIONS[:version] for s in migration]:
+            db.execute(statement)
+        db.executescript(
+            f"INSERT INTO meta VALUES ('instance', 'old'), ('rolled_up', '{rolled_up}');"
+            "INSERT INTO campaigns VALUES (1, 'c1', NULL, 'standard', 1.0, 1.0);"
+            "INSERT INTO sends (campaign_id, decision, sent_at) VALUES (1, 'tracked', 1.0);"
+            f"{rows} PRAGMA user_version = {version};"
+        )
+
+
 async def test_links_and_clicks_of_schema_3_keep_their_ids_under_labels(tmp_path):
     """Migrations 4 and 5 on a database an older clickrelay left at schema 3: migration 4 makes
     the links table anew, and every link id stays, its clicks still counted."""
     path = tmp_path / "clickrelay.sqlite3"
-    with sqlite3.connect(path) as db:  # schema 3, as an older clickrelay made it
-        for statement in [s for migration in MIGRATIONS[:3] for s in migration]:
-            db.execute(statement)
-        db.executescript(
-            "INSERT INTO meta VALUES ('instance', 'old'), ('rolled_up', '0');"
-            "INSERT INTO campaigns VALUES (1, 'c1', NULL, 'standard', 1.0, 1.0);"
-            "INSERT INTO sends (campaign_id, decision, sent_at) VALUES (1, 'tracked', 1.0);"
-            "INSERT INTO links VALUES (7, 1, 'https://a.example/'); PRAGMA user_version = 3;"
-        )
+    older_database(path, 3, "INSERT INTO links VALUES (7, 1, 'https://a.example/');", rolled_up=0)
     store = await open_store(path)
     try:
         again = await store.record_send(send())
@@ -78,20 +84,15 @@ async def test_clicks_counted_before_devices_count_as_unknown_devices(tmp_path):
     not yet (at the next roll-up), are `unknown` devices; bot clicks are none; new clicks keep
     their devices."""
     path = tmp_path / "clickrelay.sqlite3"
-    with sqlite3.connect(path) as db:  # schema 5, as the previous clickrelay made it
-        for statement in [s for migration in MIGRATIONS[:5] for s in migration]:
-            db.execute(statement)
-        db.executescript(
-            "INSERT INTO meta VALUES ('instance', 'old'), ('rolled_up', '2');"
-            "INSERT INTO campaigns VALUES (1, 'c1', NULL, 'standard', 1.0, 1.0);"
-            "INSERT INTO sends (campaign_id, decision, sent_at) VALUES (1, 'tracked', 1.0);"
-            "INSERT INTO links (id, campaign_id, url) VALUES (7, 1, 'https://a.example/');"
-            "INSERT INTO campaign_stats VALUES (1, 1, 1, 1);"  # the counted human click
-            "INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, method,"
-            " bot_reason) VALUES (1, 7, 1, '#1', 2.0, 'GET', NULL), (1, 7, 1, '#1', 3.0, 'HEAD',"
-            " 'head'), (1, 7, 1, '#1', 4.0, 'GET', NULL);"
-            "PRAGMA user_version = 5;"
-        )
+    older_database(
+        path, 5,
+        "INSERT INTO links (id, campaign_id, url) VALUES (7, 1, 'https://a.example/');"
+        "INSERT INTO campaign_stats VALUES (1, 1, 1, 1);"  # the counted human click
+        "INSERT INTO clicks (campaign_id, link_id, send_id, contact_key, clicked_at, method,"
+        " bot_reason) VALUES (1, 7, 1, '#1', 2.0, 'GET', NULL), (1, 7, 1, '#1', 3.0, 'HEAD',"
+        " 'head'), (1, 7, 1, '#1', 4.0, 'GET', NULL);",
+        rolled_up=2,
+    )  # fmt: skip
     store = await open_store(path)
     try:
         device = ("mobile", "iOS", "Mobile Safari")

@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import pytest
 
-from clickrelay.config import BotSettings
 from clickrelay.tracking.tokens import Kind
 
 from support import basic_auth, send, start_relay, start_web
@@ -22,13 +21,12 @@ TRACKING = re.compile(rb'(?:href|src)="http://click\.test(/[co]/[A-Za-z0-9_-]{32
 
 
 @pytest.fixture
-def ab_settings(settings):
+def ab_settings(report_settings):
     """A/B tests tracked, reports on, every click judged at once (no bot timing rules)."""
+    tracking = report_settings.tracking
     return replace(
-        settings,
-        reports=replace(settings.reports, password="pw"),
-        bots=BotSettings(min_seconds_after_send=0, burst_links=0),
-        tracking=replace(settings.tracking, tracked_campaign_types=("standard", "ab_test")),
+        report_settings,
+        tracking=replace(tracking, tracked_campaign_types=("standard", "ab_test")),
     )
 
 

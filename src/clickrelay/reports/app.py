@@ -169,7 +169,7 @@ def timeline(report: CampaignReport, now: float, period: Period | None = None) -
 def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[str, Any]:
     """Geometry for the server-rendered SVG chart (the template draws it)."""
     top = max([b.human + b.bot for b in buckets] + [1])
-    scale = _nice(top)
+    scale = int(_nice(top))
     slot = width / max(len(buckets), 1)
     bars = []
     for i, b in enumerate(buckets):
@@ -182,7 +182,7 @@ def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[st
     values = (0, scale // 2, scale) if scale % 2 == 0 else (0, scale)
     ticks = [{"y": round(height - height * v / scale, 2), "value": v} for v in values]
     step = math.ceil(len(buckets) / MAX_TIME_LABELS)
-    times = [{"x": bar["x"], "label": _axis_label(b)}
+    times = [{"x": bar["x"], "label": _bucket_label(b, short=True)}
              for bar, b in list(zip(bars, buckets, strict=True))[::step]]  # fmt: skip
     return {"width": width, "height": height, "bars": bars, "ticks": ticks, "times": times}
 
@@ -190,19 +190,18 @@ def chart(buckets: list[Bucket], width: int = 760, height: int = 200) -> dict[st
 MAX_TIME_LABELS = 8
 
 
-def _axis_label(bucket: Bucket) -> str:
-    start = datetime.fromtimestamp(bucket.start, UTC)
-    return start.strftime("%b %d %H:00" if bucket.hours == 1 else "%b %d")
-
-
-def _nice(value: int) -> int:
-    magnitude = 10 ** max(int(math.log10(value)), 0)
+def _nice(value: float) -> float:
+    """The top of a chart's scale: the first of 1, 2, 5 x 10^n at or above `value` (> 0)."""
+    magnitude = 10.0 ** math.floor(math.log10(value))
     return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
 
 
-def _bucket_label(bucket: Bucket) -> str:
-    start = datetime.fromtimestamp(bucket.start, UTC)
-    return start.strftime("%Y-%m-%d %H:00" if bucket.hours == 1 else "%Y-%m-%d")
+def _bucket_label(bucket: Bucket, short: bool = False) -> str:
+    """When the bucket starts (UTC): in full for a bar's title, short for the time axis."""
+    day = "%b %d" if short else "%Y-%m-%d"
+    return datetime.fromtimestamp(bucket.start, UTC).strftime(
+        day + " %H:00" if bucket.hours == 1 else day
+    )
 
 
 MAX_COMPARED = 10
@@ -212,7 +211,7 @@ def rates_chart(rates: list[list[float]], width: int = 760, height: int = 200) -
     """Geometry for the comparison chart: each campaign's click rates by hour (`rates`, its
     first 7 days or the hours so far) as a line, hours after its first send on x, gridlines
     every day."""
-    scale = _nice_rate(max([r for line in rates for r in line] + [0.0]))
+    scale = _nice(max([r for line in rates for r in line] + [0.001]))
     hours = COMPARED_HOURS
     lines = [
         " ".join(f"{round(width * (h + 1) / hours, 1)},{round(height - height * r / scale, 1)}"
@@ -223,14 +222,6 @@ def rates_chart(rates: list[list[float]], width: int = 760, height: int = 200) -
     ticks = [{"y": round(height - height * v / scale, 1), "label": f"{v * 100:g}%"}
              for v in (0, scale / 2, scale)]  # fmt: skip
     return {"width": width, "height": height, "lines": lines, "days": days, "ticks": ticks}
-
-
-def _nice_rate(value: float) -> float:
-    """The chart's top: the first of 1, 2, 5 x 10^n percent at or above `value`."""
-    for top in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
-        if value <= top:
-            return top
-    return 1.0
 
 
 # ---------------------------------------------------------------- JSON shapes (DESIGN.md)

@@ -30,7 +30,7 @@ from aiohttp import web
 from clickrelay.config import IPNetwork, Settings, WebSettings
 from clickrelay.limits import ConnectionLimits, forwarded_client
 from clickrelay.reports.app import Reports
-from clickrelay.storage.base import NewClick, Store, StoreError, cleaned
+from clickrelay.storage.base import NewClick, Store, StoreError
 from clickrelay.tracking.tokens import Kind, Signer
 from clickrelay.tracking.urls import to_uri
 from clickrelay.web import devices
@@ -116,7 +116,7 @@ class ClickService:
         )  # fmt: skip
         ip = stored_ip(client_ip(request, self.settings.web.trusted_proxies),
                        self.settings.privacy.store_ip)  # fmt: skip
-        device = devices.describe(cleaned(user_agent))
+        device = devices.describe(user_agent)
         click = NewClick(
             token.send_id, link.link_id, now, ip, (user_agent or "")[:512] or None,
             request.method, verdict.reason, "text" if token.kind is Kind.TEXT else "html",

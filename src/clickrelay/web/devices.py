@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import ua_parser
 
+from clickrelay.storage.base import cleaned
+
 MOBILE_SYSTEMS = frozenset({
     "iOS", "Android", "Windows Phone", "BlackBerry OS", "BlackBerry Tablet OS", "KaiOS",
     "Firefox OS", "HarmonyOS", "Tizen", "Sailfish", "Symbian OS", "webOS",
@@ -35,11 +37,12 @@ class Device:
 
 @functools.lru_cache(maxsize=4096)
 def describe(user_agent: str | None) -> Device:
-    """The device of a user agent (`other` throughout for none)."""
+    """The device of a user agent (`other` throughout for none). What no backend can store
+    (NUL, text that is not UTF-8) is cleaned out first."""
     if not user_agent:
         return Device("other", UNKNOWN, UNKNOWN)
     try:
-        found = ua_parser.parse(user_agent[:MAX_AGENT])
+        found = ua_parser.parse((cleaned(user_agent) or "")[:MAX_AGENT])
     except Exception:  # a parser bug must not fail a click: the device is merely unknown
         return Device("other", UNKNOWN, UNKNOWN)
     os = found.os.family if found.os else UNKNOWN
