@@ -1,18 +1,24 @@
-"""SMTP throughput end to end: clickrelay with tracking on vs. a plain forwarding relay vs. the
-sink alone, same run, same lean client; and the relay's peak memory while forwarding a 30 MB
-message.
+"""SMTP relay figures against the real ceilings, in one run: throughput, peak memory, and many
+recipients to a distant upstream.
 
-Every copy is a 60 KB, 40-link campaign newsletter (text/html, quoted-printable, CRLF) with
-X-Campaign-Id, X-Track-Clicks: yes and its own X-Contact-Id and Message-ID. The client speaks
-SMTP over raw asyncio streams from a message dot-stuffed once up front, one session per
-connection (EHLO once, then MAIL/RCPT/DATA per copy), and checks every reply. Servers run in
-child processes pinned to CPU 0 (the relays' upstream, the sink, shares it), the client on CPU 1;
-paths are interleaved over rounds and medians reported, because the machine is noisy.
+Throughput: Postfix's smtp-source sends copies of the 60 KB, 40-link newsletter (text/html,
+quoted-printable) over kept sessions, and smtp-sink throws them away; both run on CPU 1, the
+relay under test alone on CPU 0. Paths, interleaved over rounds (medians, the machine is noisy):
+smtp-source into smtp-sink straight (the ceiling); through a lean plain relay (aiosmtpd handing
+each message to aiosmtplib over kept connections); through clickrelay with a message that is no
+campaign (untouched), and with the campaign newsletter (X-Track-Clicks: yes, links rewritten).
+smtp-source stops at the first reply other than the expected one; a few copies of each message
+go through a dumping smtp-sink afterwards to check what arrives.
+
+Peak memory: a fresh relay forwarding one 30 MB message (one big HTML part, or an attachment).
+
+Many recipients: 500 RCPTs pipelined by the client, to an upstream 20 ms away (a delaying
+proxy), with and without PIPELINING offered by it.
 
     python bench/bench_smtp.py [--messages 2000] [--connections 8] [--rounds 3]
                                [--rss-mb 30] [--json FILE] [--profile FILE]
 
-With --profile, py-spy samples the clickrelay process during the tracked runs (raw collapsed
+With --profile, py-spy samples the clickrelay process during the timed runs (raw collapsed
 stacks into FILE, a summary printed); throughput figures of such a run are depressed.
 """
 
@@ -37,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import aiosmtplib  # noqa: E402
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 from bench_rewrite import campaign_message  # noqa: E402
+from latency import DelayProxy  # noqa: E402
 from newsletter import newsletter  # noqa: E402
 
 from clickrelay.smtp.upstream import dot_stuff  # noqa: E402
@@ -85,7 +92,7 @@ class SinkHandler:
 
 
 @dataclass
-class PlainRelayHandler:
+class LeanRelayHandler:
     """The baseline relay: forward each message with aiosmtplib over kept connections."""
 
     upstream_port: int
@@ -106,7 +113,7 @@ class PlainRelayHandler:
 
 
 async def serve(kind: str, port: int, upstream_port: int) -> None:
-    handler = SinkHandler() if kind == "sink" else PlainRelayHandler(upstream_port)
+    handler = SinkHandler() if kind == "sink" else LeanRelayHandler(upstream_port)
     server = await asyncio.get_running_loop().create_server(
         lambda: LongLineSMTP(handler, data_size_limit=BIG_LIMIT, hostname=f"{kind}.bench"),
         "127.0.0.1",
@@ -280,35 +287,28 @@ class Client:
         await self.writer.wait_closed()
 
 
-async def client_session(port: int, ids: range, payload: bytes, tag: str) -> int:
-    session = await Client.open(port)
-    for i in ids:
-        await session.send(i, payload, copy_headers(tag, i))
-    await session.close()
-    return session.bad
-
-
-async def blast(port: int, copies: int, connections: int, payload: bytes, tag: str) -> tuple:
-    """Send `copies` copies over `connections` sessions; (seconds, unexpected replies)."""
-    sessions = [
-        client_session(port, range(k, copies, connections), payload, tag)
-        for k in range(connections)
-    ]
-    start = time.perf_counter()
-    bad = await asyncio.wait_for(asyncio.gather(*sessions), ROUND_TIMEOUT)
-    return time.perf_counter() - start, sum(bad)
-
-
-async def sink_stats(port: int) -> tuple[int, int, int]:
-    """(messages, octets, messages with a tracking link) the sink has received so far."""
-    session = await Client.open(port)
-    line = await session.command(b"VRFY <stats@sink.bench>\r\n", 252)
-    await session.close()
-    messages, octets, tracked = map(int, line.split()[1:4])
-    return messages, octets, tracked
-
-
 # ---------------------------------------------------------------- throughput
+
+SMTP_SOURCE, SMTP_SINK = "/usr/sbin/smtp-source", "/usr/sbin/smtp-sink"
+
+
+def newsletter_message() -> bytes:
+    return CAMPAIGN_HEADERS + campaign_message(newsletter().encode())
+
+
+PATHS = {  # path -> (what it is, the message it sends)
+    "straight": "smtp-source into smtp-sink straight (the ceiling)",
+    "lean": "lean plain relay (aiosmtpd + aiosmtplib, kept connections)",
+    "untouched": "clickrelay, a message that is no campaign (untouched)",
+    "tracked": "clickrelay, tracking on (40 links rewritten)",
+}
+
+
+def postfix_sink(port: int, *flags: str) -> Server:
+    """Postfix's smtp-sink on CPU 1 (with the load generator): it throws each message away."""
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    cmd = [*pinned(1), SMTP_SINK, *user, *flags, f"127.0.0.1:{port}", "256"]
+    return Server("smtp-sink", cmd, port)
 
 
 @dataclass
@@ -316,99 +316,134 @@ class Run:
     path: str
     seconds: float
     messages: int
-    megabytes: float
-    bad: int
-    delivered: int
-    rewritten: int
-    cpu_ms: dict[str, float]  # server process -> CPU ms per message
+    failed: bool  # smtp-source met a reply other than the expected one
+    cpu_ms: float  # the relay's CPU ms per message (0 for straight)
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
 
 
-def newsletter_message() -> bytes:
-    return CAMPAIGN_HEADERS + campaign_message(newsletter().encode())
+def source(port: int, message: Path, args) -> tuple[float, bool]:
+    """Postfix's smtp-source on CPU 1: `args.messages` copies of `message` over
+    `args.connections` sessions, each kept for its next message; (seconds, failed)."""
+    cmd = [*pinned(1), SMTP_SOURCE, "-d", "-s", str(args.connections), "-m", str(args.messages),
+           "-F", str(message), "-f", "news@example.com", "-t", "r@example.com",
+           f"127.0.0.1:{port}"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          timeout=ROUND_TIMEOUT, check=False)  # fmt: skip
+    return time.perf_counter() - start, done.returncode != 0 or bool(done.stderr)
 
 
-async def measure(path: str, server: Server, others: list[Server], sink_port: int,
-                  payload: bytes, args, tag: str) -> Run:  # fmt: skip
-    """One path's run; CPU is counted for `server` and `others` (the sink behind a relay)."""
-    measured = [server, *others]
-    before_stats = await sink_stats(sink_port)
-    before_cpu = [cpu_seconds(s.pid) for s in measured]
-    seconds, bad = await blast(server.port, args.messages, args.connections, payload, tag)
-    cpu = {s.name: (cpu_seconds(s.pid) - b) * 1e3 / args.messages
-           for s, b in zip(measured, before_cpu, strict=True)}  # fmt: skip
-    after_stats = await sink_stats(sink_port)
-    delivered, octets, rewritten = (a - b for a, b in zip(after_stats, before_stats, strict=True))
-    run = Run(path, seconds, args.messages, octets / 1e6, bad, delivered, rewritten, cpu)
-    print(f"  {tag:10} {run.rate:6.0f} msgs/s {run.megabytes / seconds:6.1f} MB/s  bad replies "
-          f"{bad}  delivered {delivered}  rewritten {rewritten}", flush=True)  # fmt: skip
+def measure(path: str, port: int, relay: Server | None, message: Path, args, tag: str) -> Run:
+    before = cpu_seconds(relay.pid) if relay else 0.0
+    seconds, failed = source(port, message, args)
+    cpu = (cpu_seconds(relay.pid) - before) * 1e3 / args.messages if relay else 0.0
+    run = Run(path, seconds, args.messages, failed, cpu)
+    print(f"  {tag:12} {run.rate:6.0f} msgs/s  relay CPU {cpu:5.2f} ms/msg"
+          f"{'  FAILED' if failed else ''}", flush=True)  # fmt: skip
     return run
 
 
+def smtp_source_file(folder: Path, name: str, message: bytes) -> Path:
+    """The message as smtp-source -F reads it: lines ending in LF (it adds the CR)."""
+    path = folder / name
+    path.write_bytes(message.replace(b"\r\n", b"\n"))
+    return path
+
+
 async def throughput(args, folder: Path, log: Path) -> dict:
-    payload = wire(newsletter_message())
-    sink = bench_server("sink").start(log)
-    plain = bench_server("plain", sink.port)
+    tracked = smtp_source_file(folder, "tracked.eml", newsletter_message())
+    untouched = smtp_source_file(folder, "untouched.eml", campaign_message(newsletter().encode()))
+    sink = postfix_sink(free_port()).start(log)
+    lean = bench_server("lean", sink.port)
     relay = clickrelay_server(folder / "throughput", sink.port)
     started = [sink]
     try:
-        started += [plain.start(log), relay.start(log)]
-        servers = {"sink": sink, "plain": plain, "tracked": relay}
-        for server in servers.values():  # warm up: connections, caches, lazy imports
-            await blast(server.port, 8 * args.connections, args.connections, payload, "warm")
+        started += [lean.start(log), relay.start(log)]
+        paths = {  # path -> (the server the load goes to, the relay measured, the message)
+            "straight": (sink, None, tracked),
+            "lean": (lean, lean, tracked),
+            "untouched": (relay, relay, untouched),
+            "tracked": (relay, relay, tracked),
+        }
+        for server, _, message in paths.values():  # warm up: connections, caches, lazy imports
+            source(server.port, message, argparse.Namespace(messages=50, connections=8))
         profiler = start_profiler(args.profile, relay.pid) if args.profile else None
-        runs: dict[str, list[Run]] = {path: [] for path in servers}
+        runs: dict[str, list[Run]] = {path: [] for path in paths}
         for r in range(args.rounds):
-            for path, server in servers.items():
-                others = [] if server is sink else [sink]
-                tag = f"{path}-{r + 1}"
-                runs[path].append(
-                    await measure(path, server, others, sink.port, payload, args, tag)
-                )
+            for path, (server, measured, message) in paths.items():
+                runs[path].append(measure(path, server.port, measured, message, args,
+                                          f"{path}-{r + 1}"))  # fmt: skip
         if profiler is not None:
             stop_profiler(profiler, args.profile)
+        checked = await rewritten_check(folder, tracked, untouched, log)
     finally:
         for server in reversed(started):
             server.stop()
-    return summarize(runs, len(payload))
+    return summarize(runs, len(newsletter_message())) | {"checked": checked}
+
+
+async def rewritten_check(folder: Path, tracked: Path, untouched: Path, log: Path) -> dict:
+    """Outside the timed runs: a few of each message through a second clickrelay into a
+    dumping smtp-sink; how many arrived, and how many of each had tracking links."""
+    dumps = folder / "dumps"
+    dumps.mkdir()
+    if os.geteuid() == 0:  # smtp-sink writes as nobody
+        folder.chmod(0o711)
+        shutil.chown(dumps, "nobody")
+    sink = postfix_sink(free_port(), "-d", f"{dumps}/%M.").start(log)
+    relay = clickrelay_server(folder / "check", sink.port).start(log)
+    counts = {}
+    try:
+        for name, message in (("tracked", tracked), ("untouched", untouched)):
+            before = set(dumps.iterdir())
+            source(relay.port, message, argparse.Namespace(messages=20, connections=2))
+            deadline = time.monotonic() + 30
+            while len(set(dumps.iterdir()) - before) < 20 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            new = [p.read_bytes() for p in set(dumps.iterdir()) - before]
+            links = sum(TRACKING_PREFIX in d for d in new)
+            counts[name] = {"sent": 20, "arrived": len(new), "with_tracking_links": links}
+    finally:
+        relay.stop()
+        sink.stop()
+    return counts
 
 
 def summarize(runs: dict[str, list[Run]], size: int) -> dict:
-    result: dict = {"message_bytes": size, "paths": {}}
+    result: dict = {"message_bytes": size, "paths": {}, "ratios": {}}
     for path, rs in runs.items():
         result["paths"][path] = {
             "msgs_per_s": statistics.median(r.rate for r in rs),
-            "mb_per_s": statistics.median(r.megabytes / r.seconds for r in rs),
-            "bad_replies": sum(r.bad for r in rs),
+            "mb_per_s": statistics.median(r.rate for r in rs) * size / 1e6,
+            "failed_rounds": sum(r.failed for r in rs),
             "sent": sum(r.messages for r in rs),
-            "delivered": sum(r.delivered for r in rs),
-            "rewritten": sum(r.rewritten for r in rs),
-            "cpu_ms_per_msg": {k: statistics.median(r.cpu_ms[k] for r in rs) for k in rs[0].cpu_ms},
+            "relay_cpu_ms_per_msg": statistics.median(r.cpu_ms for r in rs),
         }
-    pairs = zip(runs["tracked"], runs["plain"], strict=True)
-    result["ratios"] = [t.rate / p.rate for t, p in pairs]
-    result["ratio"] = statistics.median(result["ratios"])
-    # CPU 0 is the bottleneck of both relay paths: the ratio of the servers' CPU per message
-    # predicts the throughput ratio without the wall-clock noise of a shared machine.
-    cpu = {path: sum(result["paths"][path]["cpu_ms_per_msg"].values()) for path in runs}
-    result["cpu_ratio"] = cpu["plain"] / cpu["tracked"]
+    for path, baseline in (("tracked", "straight"), ("untouched", "straight"),
+                           ("tracked", "lean"), ("untouched", "lean")):  # fmt: skip
+        pairs = zip(runs[path], runs[baseline], strict=True)
+        per_round = [a.rate / b.rate for a, b in pairs]
+        result["ratios"][f"{path}/{baseline}"] = {
+            "median": statistics.median(per_round), "rounds": per_round}  # fmt: skip
     return result
 
 
 def print_throughput(result: dict) -> None:
-    names = {"sink": "straight to the sink", "plain": "plain forwarding relay",
-             "tracked": "clickrelay, tracking on"}  # fmt: skip
     for path, p in result["paths"].items():
-        cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_msg"].items())
-        print(f"{names[path]:26} {p['msgs_per_s']:7.0f} msgs/s {p['mb_per_s']:6.1f} MB/s   "
-              f"bad replies {p['bad_replies']}, delivered {p['delivered']}/{p['sent']}, "
-              f"rewritten {p['rewritten']}   CPU ms/msg: {cpu}")  # fmt: skip
-    per_round = ", ".join(f"{r:.2f}" for r in result["ratios"])
-    print(f"\nratio tracked/plain {result['ratio']:.2f}x (target >= 0.6; per round: {per_round}); "
-          f"from server CPU per message {result['cpu_ratio']:.2f}x")  # fmt: skip
+        print(f"{PATHS[path]:58} {p['msgs_per_s']:7.0f} msgs/s {p['mb_per_s']:6.1f} MB/s  "
+              f"relay CPU {p['relay_cpu_ms_per_msg']:.2f} ms/msg  "
+              f"failed rounds {p['failed_rounds']}")  # fmt: skip
+    for name, r in result["ratios"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["rounds"])
+        print(f"ratio {name}: {r['median']:.2f}x (rounds: {rounds})")
+    for name, c in result["checked"].items():
+        print(
+            f"check, {name}: {c['arrived']}/{c['sent']} arrived, "
+            f"{c['with_tracking_links']} with tracking links"
+        )
 
 
 # ---------------------------------------------------------------- peak memory
@@ -467,7 +502,7 @@ async def memory(args, folder: Path, log: Path) -> dict:
             attachment_message(size),
             clickrelay_server(folder / "rss-attachment", sink.port),
         ),
-        "plain relay, big HTML part": (html, bench_server("plain", sink.port)),
+        "lean relay, big HTML part": (html, bench_server("lean", sink.port)),
     }
     try:
         return {name: await peak_rss(server, message, warm, log)
@@ -487,6 +522,61 @@ def print_memory(results: dict) -> None:
               f"{r['ratio']:.2f}x the message (target < 4)  accepted: {r['accepted']}")  # fmt: skip
 
 
+# ---------------------------------------------------------------- many recipients
+
+RECIPIENTS = 500
+UPSTREAM_DELAY = 0.010  # seconds each way: the upstream 20 ms away
+
+
+async def pipelined_transaction(port: int, recipients: int) -> tuple[float, int]:
+    """A client's pipelined group (MAIL, the RCPTs, DATA in one write), then the message;
+    (seconds from the group's write to the reply to the message, replies of the expected
+    code)."""
+    session = await Client.open(port)
+    rcpts = b"".join(b"RCPT TO:<r%d@example.com>\r\n" % n for n in range(recipients))
+    start = time.perf_counter()
+    session.writer.write(b"MAIL FROM:<news@example.com>\r\n" + rcpts + b"DATA\r\n")
+    for code in (250, *[250] * recipients, 354):
+        await session.expect(code)
+    session.writer.write(wire(newsletter_message()))
+    await session.expect(250)
+    seconds = time.perf_counter() - start
+    await session.close()
+    return seconds, recipients + 3 - session.bad
+
+
+async def many_recipients(folder: Path, log: Path) -> dict:
+    """500 recipients in one transaction, the upstream (smtp-sink) 20 ms away behind a delaying
+    proxy (tests/latency.py); with and without PIPELINING offered by the upstream (-p), and the
+    client straight to the proxy as the scale."""
+    result = {}
+    for name, flags in (("pipelining", ()), ("no pipelining", ("-p",))):
+        sink = postfix_sink(free_port(), *flags).start(log)
+        proxy = DelayProxy(sink.port, UPSTREAM_DELAY)
+        await proxy.start()
+        relay = clickrelay_server(folder / f"rcpts-{name.replace(' ', '-')}", proxy.port)
+        try:
+            relay.start(log)
+            direct = await pipelined_transaction(proxy.port, RECIPIENTS)
+            through = await pipelined_transaction(relay.port, RECIPIENTS)
+        finally:
+            relay.stop()
+            await proxy.stop()
+            sink.stop()
+        result[name] = {"relay_seconds": through[0], "relay_expected_replies": through[1],
+                        "direct_seconds": direct[0], "expected": RECIPIENTS + 3}  # fmt: skip
+    return result
+
+
+def print_many_recipients(result: dict) -> None:
+    print(f"\n{RECIPIENTS} RCPTs in one pipelined transaction, the upstream (smtp-sink) "
+          f"{2 * UPSTREAM_DELAY * 1000:.0f} ms away:")  # fmt: skip
+    for name, r in result.items():
+        print(f"  upstream with {name:14} through clickrelay {r['relay_seconds']:6.2f} s "
+              f"({r['relay_expected_replies']}/{r['expected']} replies as expected); "
+              f"client straight to it {r['direct_seconds']:5.2f} s")  # fmt: skip
+
+
 # ---------------------------------------------------------------- profile
 
 
@@ -504,7 +594,11 @@ def stop_profiler(proc: subprocess.Popen, output: Path) -> None:
 
 
 # py-spy takes these blocking waits for work on this kernel; they are idle time, not CPU.
-IDLE_FRAMES = ("_connection_worker_thread (aiosqlite/core.py:59)", "EpollSelector.select (")
+IDLE_FRAMES = (
+    "_connection_worker_thread (aiosqlite/core.py:59)",
+    "EpollSelector.select (",
+    "_worker (concurrent/futures/thread.py:81)",  # an idle worker thread waiting for work
+)
 LIBRARIES = ("clickrelay/", "aiosmtpd/", "aiosmtplib/", "aiosqlite/", "asyncpg/", "aiohttp/")
 ALWAYS = ("clickrelay/cli.py", "clickrelay/__main__.py")  # on every stack: not worth a line
 
@@ -538,12 +632,15 @@ async def bench(args) -> dict:
     try:
         print(f"# {args.messages} copies of the {len(newsletter()) / 1000:.0f} KB newsletter "
               f"({len(newsletter_message()) / 1000:.0f} KB as a message) "
-              f"over {args.connections} connections, {args.rounds} interleaved rounds; servers on "
-              f"CPU 0, client on CPU 1; {os.cpu_count()} CPUs; medians", flush=True)  # fmt: skip
+              f"over {args.connections} sessions, {args.rounds} interleaved rounds; the relay on "
+              f"CPU 0, smtp-source and smtp-sink on CPU 1; {os.cpu_count()} CPUs; medians",
+              flush=True)  # fmt: skip
         result = {"throughput": await throughput(args, folder, log)}
         print_throughput(result["throughput"])
         result["memory"] = await memory(args, folder, log)
         print_memory(result["memory"])
+        result["recipients"] = await many_recipients(folder, log)
+        print_many_recipients(result["recipients"])
         problems = [line for line in log.read_text().splitlines() if "ERROR" in line]
         if problems:
             print(f"\n{len(problems)} error line(s) in the servers' logs, e.g. {problems[0]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from pathlib import Path
@@ -26,3 +27,9 @@ def free_port() -> int:
                 continue
         _PORTS_GIVEN.add(port)
         return port
+
+
+def listening_port(server: asyncio.AbstractServer | None) -> int:
+    """The port a started server listens on."""
+    assert server is not None, "the server is not started"
+    return server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]

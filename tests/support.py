@@ -13,7 +13,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from ports import LOOPBACK
+from ports import LOOPBACK, listening_port
 from ports import free_port as free_port  # (tests take it from here)
 
 from clickrelay.config import (
@@ -87,9 +87,10 @@ class ScriptedUpstream:
 
     def __init__(
         self, tls=None, starttls=None, require_auth: tuple[str, str] | None = None,
-        smtputf8: bool = True, eightbitmime: bool = True,
+        smtputf8: bool = True, eightbitmime: bool = True, pipelining: bool = True,
     ) -> None:  # fmt: skip
         self.script = Script()
+        self.pipelining = pipelining  # offer PIPELINING (aiosmtpd reads commands in turn anyway)
         self.smtputf8 = smtputf8  # offer SMTPUTF8 (aiosmtpd then refuses the parameter: 501)
         self.eightbitmime = eightbitmime  # offer 8BITMIME (else aiosmtpd refuses BODY: 555)
         self.received: list[Received] = []
@@ -135,8 +136,7 @@ class ScriptedUpstream:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return listening_port(self._server)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -150,6 +150,10 @@ class ScriptedUpstream:
         for smtp in self._protocols:
             if smtp.transport is not None:
                 smtp.transport.close()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]] if self.pipelining else responses
 
     async def handle_MAIL(self, server, session, envelope: Envelope, address, options) -> str:
         if self.script.mail:
@@ -331,6 +335,7 @@ class ServiceProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._reader: asyncio.Task | None = None
+        self._new_line = asyncio.Event()
 
     async def start(self, ready_text: str, timeout: float = 30) -> None:
         import sys
@@ -350,6 +355,7 @@ class ServiceProcess:
             assert self.proc is not None and self.proc.stdout is not None
             async for line in self.proc.stdout:
                 self.log.append(line.decode(errors="replace").rstrip())
+                self._new_line.set()
                 if ready_text in self.log[-1]:
                     ready.set()
 
@@ -361,6 +367,13 @@ class ServiceProcess:
         )
         if not ready.is_set():
             raise RuntimeError("service did not start:\n" + "\n".join(self.log))
+
+    async def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        """Until `count` lines of the log contain `text` (bounded)."""
+        async with asyncio.timeout(timeout):
+            while sum(text in line for line in self.log) < count:
+                self._new_line.clear()
+                await self._new_line.wait()
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

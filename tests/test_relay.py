@@ -258,6 +258,37 @@ async def test_a_long_last_line_does_not_hide_the_end_of_data(upstream, settings
     assert upstream.received[0].content == original.replace(b"..stuffed", b".stuffed")
 
 
+async def test_the_end_of_data_and_stuffed_dots_are_found_across_any_pieces(upstream, settings):
+    """A dot ends DATA only at the start of a line, and only a line's first dot is unstuffed,
+    wherever the client's writes happen to split the stream: lines ending in a dot, a ".\r"
+    and ".." inside a line, a leading dot after a bare LF (no line start: kept), a first line
+    that starts with a dot."""
+    original = (
+        b"..first line starts with a dot\r\nSubject: dots\r\n\r\nEnds with a dot.\r\n"
+        b"...three\r\nmid..dle .\r x.\r\nbare\n.after a bare LF\r\n.\r.\r\n\r\n.."
+        b"\r\nlast.\r\n"
+    )
+    stuffed = original + b".\r\n"
+    async with start_relay(no_trace(settings)) as relay:
+        for size in (1, 2, 3, 5, 7, len(stuffed)):
+            client = await RawClient.connect(relay.port)
+            await client.cmd("EHLO c")
+            await client.cmd("MAIL FROM:<s@x.test>")
+            await client.cmd("RCPT TO:<r@x.test>")
+            await client.cmd("DATA")
+            for start in range(0, len(stuffed), size):
+                client.writer.write(stuffed[start : start + size])
+                await client.writer.drain()
+            assert (await client.reply()).startswith("250")
+            await client.close()
+    expected = (  # unstuffed; and bare CR and LF made CRLF, as ever
+        b".first line starts with a dot\r\nSubject: dots\r\n\r\nEnds with a dot.\r\n"
+        b"..three\r\nmid..dle .\r\n x.\r\nbare\r\n.after a bare LF\r\n\r\n.\r\n\r\n."
+        b"\r\nlast.\r\n"
+    )
+    assert [r.content for r in upstream.received] == [expected] * 6
+
+
 async def test_overlong_command_is_refused_and_the_session_goes_on(upstream, relay):
     client = await RawClient.connect(relay.port)
     await client.cmd("EHLO c")

@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from clickrelay import __version__, config, passwords
+from clickrelay import __version__, config, passwords, workers
 from clickrelay.service import (
+    EXIT_USAGE,
     Parts,
     StartupError,
     erase_contact,
@@ -24,7 +25,6 @@ from clickrelay.service import (
 from clickrelay.storage import StoreError
 
 EMBEDDED_DATA_DIR = Path("clickrelay-data")
-EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +106,8 @@ def _serve(args: argparse.Namespace, parts: Parts) -> int:
         settings = prepare_embedded(settings, EMBEDDED_DATA_DIR)
     else:
         settings = config.load(args.config)
+    if workers.count(settings, parts) > 1:
+        return workers.supervise(settings, parts)
     asyncio.run(serve(settings, parts))
     return 0
 

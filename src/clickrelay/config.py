@@ -307,6 +307,7 @@ def _toml_type(value: Any) -> str:
 # ---------------------------------------------------------------- sections
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+MAX_WORKERS = 64  # processes per service
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ class SmtpSettings:
     max_connections: int = _field(_int_range(0), 1000)  # 0: no limit
     max_connections_per_client: int = _field(_int_range(0), 100)
     idle_timeout_seconds: float = _field(_positive_number, 300.0)
+    workers: int = _field(_int_range(1, MAX_WORKERS), 1)
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ class WebSettings:
     max_connections: int = _field(_int_range(0), 4096)  # 0: as many as file descriptors allow
     max_connections_per_client: int = _field(_int_range(0), 256)  # 0: no per-client cap
     idle_timeout_seconds: float = _field(_positive_number, 15.0)
+    workers: int = _field(_int_range(1, MAX_WORKERS), 1)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import secrets
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ FD_RESERVE = 100  # descriptors beyond the connection caps: storage, logs, linge
 ACCEPT_FAILURE = "socket.accept() out of system resource"  # asyncio's message
 
 
+EXIT_USAGE = 2  # the exit status for a mistake the user must fix
+
+
 class StartupError(Exception):
     """A problem the user must fix before the service can start (exit status 2)."""
 
@@ -60,6 +63,8 @@ class StartupError(Exception):
 class Parts:
     smtp: bool = True
     web: bool = True
+    jobs: bool = True  # with web: webhook delivery, retention (one worker of several runs them)
+    reuse_port: bool = False  # listen with SO_REUSEPORT, beside other workers
 
 
 def prepare_embedded(settings: Settings, data_dir: Path) -> Settings:
@@ -101,8 +106,9 @@ class Node:
     retention: Retention | None = None
 
 
-async def serve(settings: Settings, parts: Parts) -> None:
-    """Run until a stop signal; raise StartupError for what the user must fix."""
+async def serve(settings: Settings, parts: Parts, ready: Callable[[], None] | None = None) -> None:
+    """Run until a stop signal; raise StartupError for what the user must fix. `ready` is
+    called once every part listens."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +119,8 @@ async def serve(settings: Settings, parts: Parts) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     settings = fit_caps(settings, parts, raise_file_limit())
     async with running(settings, parts):
+        if ready is not None:
+            ready()
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
@@ -129,15 +137,15 @@ async def running(
             store = await _open_store(settings, stack)
         node = Node(settings, store, _signer(settings, store))
         if parts.web:
-            node.web = await _start_web(node, stack)
-            if settings.webhooks:
+            node.web = await _start_web(node, stack, parts.reuse_port)
+            if settings.webhooks and parts.jobs:
                 node.webhooks = await _start_webhooks(node, node.web.recorder, stack)
-            if settings.privacy.retention_days:
+            if settings.privacy.retention_days and parts.jobs:
                 node.retention = Retention(node.store, settings.privacy.retention_days)
                 node.retention.start()
                 stack.push_async_callback(node.retention.close)
         if parts.smtp:
-            node.relay = await _start_smtp(node, stack)
+            node.relay = await _start_smtp(node, stack, parts.reuse_port)
         yield node
 
 
@@ -192,13 +200,15 @@ async def _start_webhooks(
     return webhooks
 
 
-async def _start_smtp(node: Node, stack: contextlib.AsyncExitStack) -> RelayServer:
+async def _start_smtp(
+    node: Node, stack: contextlib.AsyncExitStack, reuse_port: bool
+) -> RelayServer:
     settings = node.settings
     upstream = create_upstream(settings.upstream, settings.smtp.hostname or "localhost")
     tls = _tls_context("smtp", settings.smtp.tls_cert, settings.smtp.tls_key)
     pipeline = MessagePipeline(settings, node.store, node.signer)
     relay = RelayServer(settings, upstream, pipeline, tls)
-    await _bind("smtp.listen", relay.start())
+    await _bind("smtp.listen", relay.start(reuse_port))
     stack.push_async_callback(relay.stop)
     if settings.upstream.url.scheme == "maildir":
         log.warning(
@@ -210,7 +220,7 @@ async def _start_smtp(node: Node, stack: contextlib.AsyncExitStack) -> RelayServ
     return relay
 
 
-async def _start_web(node: Node, stack: contextlib.AsyncExitStack) -> WebService:
+async def _start_web(node: Node, stack: contextlib.AsyncExitStack, reuse_port: bool) -> WebService:
     settings = node.settings
     recorder = ClickRecorder(node.store)
     stack.push_async_callback(recorder.close)  # after the runner: in-flight clicks get stored
@@ -220,7 +230,7 @@ async def _start_web(node: Node, stack: contextlib.AsyncExitStack) -> WebService
     await app_runner.setup()
     stack.push_async_callback(app_runner.cleanup)
     tls = _tls_context("web", web_settings.tls_cert, web_settings.tls_key)
-    site = limited_site(app_runner, web_settings, tls)
+    site = limited_site(app_runner, web_settings, tls, reuse_port)
     await _bind("web.listen", site.start())
     log.info(
         "http service listening on %s, public URL %s (connections: at most %s, %s per client; "

@@ -26,12 +26,18 @@ class Extensions:
     eightbitmime: bool = False
     smtputf8: bool = False
     dsn: bool = False
+    pipelining: bool = False
 
     @classmethod
     def from_ehlo(cls, offered: Mapping[str, str]) -> Extensions:
-        """From aiosmtplib's `esmtp_extensions` (lower-case keywords)."""
-        return cls("size" in offered, "8bitmime" in offered, "smtputf8" in offered,
-                   "dsn" in offered)  # fmt: skip
+        """From the EHLO keywords (lower case) and their parameters."""
+        return cls(
+            size="size" in offered,
+            eightbitmime="8bitmime" in offered,
+            smtputf8="smtputf8" in offered,
+            dsn="dsn" in offered,
+            pipelining="pipelining" in offered,
+        )
 
 
 class ParameterError(Exception):

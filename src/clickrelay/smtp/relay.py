@@ -17,14 +17,17 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
+import functools
 import ipaddress
 import logging
 import secrets
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
@@ -113,11 +116,12 @@ class RelayServer:
         self._server: asyncio.Server | None = None
         self._tls = tls
 
-    async def start(self) -> None:
-        """Bind the listener; OSError (port in use, ...) propagates to the caller."""
+    async def start(self, reuse_port: bool = False) -> None:
+        """Bind the listener (beside other workers' with `reuse_port`); OSError (port in use,
+        ...) propagates to the caller."""
         listen = self.settings.smtp.listen
         self._server = await asyncio.get_running_loop().create_server(
-            self._new_connection, listen.host, listen.port
+            self._new_connection, listen.host, listen.port, reuse_port=reuse_port
         )
 
     def allowed(self, address: str | None) -> bool:
@@ -180,6 +184,7 @@ class RelayServer:
         await self.upstream.close()
 
 
+PIPELINE_DEPTH = 100  # RCPT replies outstanding at most: the next RCPT waits for the oldest
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 UNDECLARED_UNICODE = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"  # as Postfix
 AUTH_BUSY = "454 4.7.0 Temporary authentication failure, try again later"  # RFC 4954
@@ -204,6 +209,53 @@ class RelaySMTP(SMTP):
         self.peer: str | None = None  # the client's IP address
         self.allowed = False  # it is in smtp.allowed_clients
         self.admitted = False  # counted by relay.admit (until connection_lost)
+        # PIPELINING: an RCPT's reply may still be on its way (from the upstream) when the next
+        # command is read. Every other command waits until those are written, so replies go
+        # out in the order of the commands and each command sees the envelope they made.
+        self._rcpt_replies: collections.deque[asyncio.Task[None]] = collections.deque()
+        self._data_timer_set: float | None = None  # reading DATA: when the idle timer was set
+        self._smtp_methods = {
+            name: method if name == "RCPT" else self._after_rcpt_replies(method)
+            for name, method in self._smtp_methods.items()
+        }
+
+    def _after_rcpt_replies(
+        self, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # (keeps the syntax for HELP)
+        async def in_turn(arg: str | None) -> None:
+            await self.rcpt_replies_written()
+            await method(arg)
+
+        return in_turn
+
+    async def rcpt_replies_written(self) -> None:
+        if self._rcpt_replies:  # (each waits for the one before it)
+            await asyncio.wait([self._rcpt_replies[-1]])
+
+    async def push(self, status: AnyStr) -> None:
+        await self.rcpt_replies_written()
+        await super().push(status)
+
+    def _reply_in_turn(self, reply: Coroutine[Any, Any, str]) -> None:
+        """Write `reply` once it is in and the RCPT replies before it are written."""
+        previous = self._rcpt_replies[-1] if self._rcpt_replies else None
+
+        async def write() -> None:
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])
+                text = await reply
+            except Exception as error:
+                text = await self.relay.handler.handle_exception(error)
+            finally:
+                reply.close()  # (not awaited if the client went away first)
+            with contextlib.suppress(ConnectionError):  # the client is gone: nothing to tell
+                await SMTP.push(self, text)
+
+        task = self.loop.create_task(write())
+        task.add_done_callback(self._rcpt_replies.remove)
+        self._rcpt_replies.append(task)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the second call, after STARTTLS
@@ -223,6 +275,8 @@ class RelaySMTP(SMTP):
         self.relay.release(self.peer, self.allowed)
         self.admitted = False
         self.relay.connections.discard(self)
+        for pending in list(self._rcpt_replies):
+            pending.cancel()
         if self.transaction is not None:
             asyncio.get_running_loop().create_task(self.end_transaction(aborted=True))
         super().connection_lost(error)
@@ -274,10 +328,19 @@ class RelaySMTP(SMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if not (await self.check_helo_needed() or await self.check_auth_needed("RCPT")):
-            await self.push(await self._rcpt(arg))
+        """The reply is written once the upstream's is in, and the next command is read
+        meanwhile (at most PIPELINE_DEPTH ahead)."""
+        while len(self._rcpt_replies) >= PIPELINE_DEPTH:
+            await asyncio.wait([self._rcpt_replies[0]])
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        reply = self._rcpt(arg)
+        if isinstance(reply, str):
+            await self.push(reply)
+        else:
+            self._reply_in_turn(reply)
 
-    async def _rcpt(self, arg: str | None) -> str:
+    def _rcpt(self, arg: str | None) -> str | Coroutine[Any, Any, str]:
         assert self.session is not None and self.envelope is not None
         if self.transaction is None:
             return "503 5.5.1 Error: need MAIL command"
@@ -287,7 +350,7 @@ class RelaySMTP(SMTP):
             return error.reply
         if not (rcpt.address.isascii() or self.envelope.smtp_utf8):
             return UNDECLARED_UNICODE
-        return await self.relay.handler.rcpt(self, rcpt)
+        return self.relay.handler.rcpt(self, rcpt)
 
     # DATA: aiosmtpd's own refuses lines over 1,001 octets and keeps the message as a list of
     # lines (about three times its size in memory). Real mail breaks the line rule and only the
@@ -321,36 +384,43 @@ class RelaySMTP(SMTP):
 
     async def _read_content(self) -> bytes | None:
         """The message up to the lone dot, dot-unstuffed; None if it exceeded the size limit
-        (read to its end all the same, so that the session stays in step)."""
+        (read to its end all the same, so that the session stays in step).
+
+        Read in pieces that end at ".\r\n" or at the stream limit, not line by line: a dot
+        ends the data only at the start of a line (after CRLF, RFC 5321 4.5.2), which is
+        checked on the whole, as is the unstuffing, at C speed.
+        """
         data = bytearray()
         limit = self.data_size_limit
         too_big = False
-        line_start = True  # only a dot after CRLF is special (RFC 5321 4.5.2)
-        after_cr = False  # the previous piece ended in CR: a lone LF now ends a CRLF line
-        # Data arriving is no idle session: the idle timer starts again (once in a while, not
-        # for every line of a big message).
-        timer_set, every = self.loop.time(), min(1.0, self._timeout_duration / 4)
-        while True:
-            if self.loop.time() - timer_set > every:
-                self._reset_timeout()
-                timer_set = self.loop.time()
-            try:
-                piece = await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                # A very long line: take what is buffered, which stops short of the LF (so a
-                # CRLF can come in two pieces).
-                piece = await self._reader.read(exc.consumed)
-            if line_start and piece == b".\r\n":
-                return None if too_big else bytes(data)
-            if line_start and piece[:1] == b".":
-                piece = piece[1:]
-            line_start = piece.endswith(b"\r\n") or (after_cr and piece == b"\n")
-            after_cr = piece.endswith(b"\r")
-            if not too_big:
-                data += piece
-                too_big = bool(limit) and len(data) > limit
-                if too_big:
-                    data = bytearray()  # let the memory go now
+        self._data_timer_set = self.loop.time()
+        try:
+            while True:
+                try:
+                    data += await self._reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    data += await self._reader.read(exc.consumed)  # no ".\r\n" in it
+                else:
+                    dot = len(data) - 3
+                    if dot == 0 or data[dot - 2 : dot] == b"\r\n":
+                        del data[dot:]
+                        if too_big or (limit and len(data) > limit):
+                            return None
+                        return unstuffed(data)
+                if limit and len(data) > limit:
+                    too_big = True
+                    del data[:-2]  # let the memory go now; the last CRLF may precede the dot
+        finally:
+            self._data_timer_set = None
+
+    def data_received(self, data: bytes) -> None:
+        """Message data arriving is no idle session: the idle timer starts again (once in a
+        while, not for every chunk of a big message)."""
+        every = min(1.0, self._timeout_duration / 4)
+        if self._data_timer_set is not None and self.loop.time() - self._data_timer_set > every:
+            self._reset_timeout()
+            self._data_timer_set = self.loop.time()
+        super().data_received(data)
 
     # AUTH: offered only over TLS to configured users. aiosmtpd's built-in PLAIN/LOGIN call a
     # synchronous authenticator, but checking a password hash takes tens of milliseconds, so
@@ -428,8 +498,9 @@ class RelayHandler:
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:  # fmt: skip
-        """aiosmtpd's keywords, but AUTH only with a mechanism to offer, and DSN only when the
-        upstream offers it (the relay can pass DSN's parameters on, not act on them)."""
+        """aiosmtpd's keywords, but AUTH only with a mechanism to offer, DSN only when the
+        upstream offers it (the relay can pass DSN's parameters on, not act on them), and
+        PIPELINING (RFC 2920) always: RCPTs go on to the upstream before its replies are in."""
         session.host_name = hostname
         await server.end_transaction(aborted=True)  # EHLO resets the transaction too
         upstream = self.relay.upstream
@@ -439,6 +510,7 @@ class RelayHandler:
         keywords = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
         if server.dsn_offered:
             keywords.insert(-1, "250-DSN")
+        keywords.insert(-1, "250-PIPELINING")
         return keywords
 
     async def handle_HELO(
@@ -465,12 +537,18 @@ class RelayHandler:
             envelope.smtp_utf8 = mail.smtputf8
         return str(reply)
 
-    async def rcpt(self, server: RelaySMTP, rcpt: RcptCommand) -> str:
+    def rcpt(self, server: RelaySMTP, rcpt: RcptCommand) -> Coroutine[Any, Any, str]:
+        """Passed on at once; the reply to the client once the upstream's is in."""
         assert server.transaction is not None and server.envelope is not None
-        reply = await server.transaction.rcpt(rcpt)
-        if reply.ok:
-            server.envelope.rcpt_tos.append(rcpt.address)
-        return str(reply)
+        envelope, upstream_reply = server.envelope, server.transaction.rcpt(rcpt)
+
+        async def reply() -> str:
+            answer = await upstream_reply
+            if answer.ok:
+                envelope.rcpt_tos.append(rcpt.address)
+            return str(answer)
+
+        return reply()
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         await server.end_transaction(aborted=True)
@@ -547,6 +625,12 @@ def data_reply(reply: Reply | None) -> str:
     if 500 <= reply.code < 600 or reply.code == 451:
         return str(reply)
     return f"451 4.4.0 Upstream deferred the message, try again later ({reply.first_line})"
+
+
+def unstuffed(data: bytearray) -> bytes:
+    """SMTP transparency undone: a dot that starts a line is dropped (the first line too)."""
+    unstuffed = bytes(data).replace(b"\r\n.", b"\r\n")
+    return unstuffed[1:] if unstuffed[:1] == b"." else unstuffed
 
 
 def canonical(message: bytes) -> bytes:

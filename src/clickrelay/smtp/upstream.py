@@ -1,4 +1,4 @@
-"""The real mail server behind the relay: an SMTP server (via aiosmtplib) or a local Maildir.
+"""The real mail server behind the relay: an SMTP server (via `client`) or a local Maildir.
 
 An upstream hands out one `Transaction` per client transaction. Every step returns the
 upstream's `Reply`, every line of it (or a 4xx `Reply` when the upstream could not be reached or
@@ -18,18 +18,19 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Protocol
-
-import aiosmtplib
 
 from clickrelay import cpu
 from clickrelay.config import UpstreamSettings
 from clickrelay.mail import downgrade
 from clickrelay.mail.headers import parse_header_block
+from clickrelay.smtp import client
+from clickrelay.smtp.client import ClientError, Reply
 from clickrelay.smtp.esmtp import Extensions, MailCommand, RcptCommand
+
+__all__ = ["Reply", "Transaction", "Upstream", "create_upstream", "crlf", "unavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +40,18 @@ PROBE_WAIT = 2.0  # seconds an EHLO waits to learn what the upstream offers
 PROBE_BACKOFF = 10.0  # seconds before asking an upstream that failed to answer again
 
 
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    text: str  # the text of each line (enhanced status code included), lines joined by "\n"
-
-    def __str__(self) -> str:
-        """The reply as the SMTP wire carries it: "550-first\r\n550 last"."""
-        *first, last = self.text.split("\n")
-        return "".join(f"{self.code}-{line}\r\n" for line in first) + f"{self.code} {last}"
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def first_line(self) -> str:
-        return f"{self.code} {self.text.split(NEWLINE, 1)[0]}"
-
-
 def unavailable(problem: str) -> Reply:
     """The reply for an upstream that cannot answer: the sender keeps the message and retries."""
     return Reply(451, f"4.4.1 Upstream unavailable, try again later ({problem})")
 
 
-NEWLINE = "\n"  # (no backslash inside an f-string's braces before Python 3.12)
 NEEDS_SMTPUTF8 = "5.6.7 SMTPUTF8 is required, but was not offered by the upstream"
 
 
 class Transaction(Protocol):
-    async def rcpt(self, rcpt: RcptCommand) -> Reply: ...
+    def rcpt(self, rcpt: RcptCommand) -> Awaitable[Reply]:
+        """Pass RCPT on; its reply, awaited in the order of the calls. An upstream that offers
+        PIPELINING gets the command at once, before the replies to earlier ones are in."""
 
     async def data(self, pieces: Sequence[bytes]) -> Reply:
         """Send the message, given as consecutive pieces that each start a line (a trace header,
@@ -104,7 +87,7 @@ class SmtpUpstream:
     def __init__(self, settings: UpstreamSettings, local_hostname: str) -> None:
         self.settings = settings
         self.local_hostname = local_hostname
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._idle: list[tuple[client.Connection, float]] = []
         self._tls_context = _client_tls_context(settings) if settings.url.scheme != "smtp" else None
         self.offered: Extensions | None = None  # as of the latest EHLO
         self._probe: asyncio.Task[None] | None = None
@@ -141,12 +124,12 @@ class SmtpUpstream:
                 except _FAILURES as exc:
                     log.warning("upstream %s unreachable: %s", self.settings.url, _describe(exc))
                     return unavailable(_describe(exc)), None
-            offered = Extensions.from_ehlo(conn.esmtp_extensions)
+            offered = Extensions.from_ehlo(conn.extensions)
             if not (mail.address.isascii() or offered.smtputf8):
                 self._release(conn)
                 return Reply(553, NEEDS_SMTPUTF8), None
             try:
-                reply = await _command(conn, "MAIL", mail.upstream_line(offered))
+                reply = await conn.command(b"MAIL", mail.upstream_line(offered).encode())
             except _FAILURES as exc:
                 conn.close()
                 if reused:  # a cached connection the server closed meanwhile: try a fresh one
@@ -162,29 +145,25 @@ class SmtpUpstream:
                 return _mirrored(reply), None
             return _mirrored(reply), SmtpTransaction(self, conn, mail, offered)
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> client.Connection:
         url, conf = self.settings.url, self.settings
-        conn = aiosmtplib.SMTP(
-            hostname=url.host,
-            port=url.port,
+        assert url.host is not None and url.port is not None
+        login = None
+        if conf.username is not None:
+            login = client.Login(conf.username, conf.password or "")
+        conn = await client.connect(
+            url.host,
+            url.port,
             local_hostname=self.local_hostname,
-            timeout=conf.timeout_seconds,
-            use_tls=url.scheme == "smtps",
-            start_tls=url.scheme == "smtp+starttls",
-            tls_context=self._tls_context,
-            username=conf.username,
-            password=conf.password,
+            timeout_seconds=conf.timeout_seconds,
+            tls=self._tls_context if url.scheme == "smtps" else None,
+            starttls=self._tls_context if url.scheme == "smtp+starttls" else None,
+            login=login,
         )
-        await conn.connect()
-        if conn.is_ehlo_or_helo_needed:  # done by connect() only where TLS or AUTH needed it
-            try:
-                await conn.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await conn.helo()
-        self.offered = Extensions.from_ehlo(conn.esmtp_extensions)
+        self.offered = Extensions.from_ehlo(conn.extensions)
         return conn
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    def _take_idle(self) -> client.Connection | None:
         now = time.monotonic()
         while self._idle:
             conn, since = self._idle.pop()
@@ -193,7 +172,7 @@ class SmtpUpstream:
             conn.close()
         return None
 
-    def _release(self, conn: aiosmtplib.SMTP) -> None:
+    def _release(self, conn: client.Connection) -> None:
         if conn.is_connected and len(self._idle) < IDLE_CONNECTIONS:
             self._idle.append((conn, time.monotonic()))
         else:
@@ -204,27 +183,52 @@ class SmtpUpstream:
             self._probe.cancel()
         idle, self._idle = self._idle, []
         for conn, _ in idle:
-            try:
+            with contextlib.suppress(*_FAILURES):
                 await asyncio.wait_for(conn.quit(), 2)
-            except (*_FAILURES, aiosmtplib.SMTPResponseException):
-                conn.close()
 
 
 class SmtpTransaction:
     def __init__(
-        self, upstream: SmtpUpstream, conn: aiosmtplib.SMTP, mail: MailCommand, offered: Extensions
-    ) -> None:
+        self, upstream: SmtpUpstream, conn: client.Connection, mail: MailCommand,
+        offered: Extensions,
+    ) -> None:  # fmt: skip
         self.upstream = upstream
         self.conn = conn
         self.mail = mail
         self.offered = offered
         self.broken = False
+        self._replies: asyncio.Task[Reply] | None = None  # the latest RCPT's, read in turn
 
-    async def rcpt(self, rcpt: RcptCommand) -> Reply:
+    def rcpt(self, rcpt: RcptCommand) -> asyncio.Future[Reply]:
         if not (rcpt.address.isascii() or self.offered.smtputf8):
-            return Reply(553, NEEDS_SMTPUTF8)
+            return _done(Reply(553, NEEDS_SMTPUTF8))
+        line = rcpt.upstream_line(self.offered).encode()
+        sent = self.offered.pipelining and not self.broken
+        if sent:
+            try:
+                self.conn.send(b"RCPT", line)
+            except ClientError as exc:
+                self.broken = True
+                return _done(unavailable(_describe(exc)))
+        previous = self._replies
+        self._replies = asyncio.get_running_loop().create_task(
+            self._rcpt_reply(previous, None if sent else line)
+        )
+        return self._replies
+
+    async def _rcpt_reply(
+        self, previous: asyncio.Task[Reply] | None, unsent: bytes | None
+    ) -> Reply:
+        """The reply to the next RCPT, once the earlier ones are read; `unsent`: the command,
+        for an upstream that does not pipeline (written only now)."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        if self.broken:
+            return unavailable("the connection broke on an earlier recipient")
         try:
-            reply = await _command(self.conn, "RCPT", rcpt.upstream_line(self.offered))
+            if unsent is not None:
+                self.conn.send(b"RCPT", unsent)
+            reply = await self.conn.reply()
         except _FAILURES as exc:
             self.broken = True
             return unavailable(_describe(exc))
@@ -235,27 +239,23 @@ class SmtpTransaction:
     async def data(self, pieces: Sequence[bytes]) -> Reply:
         """Send DATA and the message; the answer is the upstream's reply to the final dot.
 
-        Each piece is dot-stuffed in one pass and written as it is, without aiosmtplib's own
-        copies of the whole message, so a 30 MB message costs little more than itself.
+        Each piece is dot-stuffed in one pass and written in chunks, each once the socket has
+        taken the one before: a 30 MB message costs little more than itself.
         """
         try:
             pieces = [*pieces[:-1], await self._fitted(pieces[-1])]
         except downgrade.Refused as refused:
             return Reply(refused.code, refused.text)
-        timeout = self.upstream.settings.timeout_seconds
         try:
-            start = await self.conn.execute_command(b"DATA", timeout=timeout)
+            start = await self.conn.command(b"DATA")
             if start.code != 354:
-                return _mirrored(Reply(start.code, start.message))
-            protocol = self.conn.protocol
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                return _mirrored(start)
             wire = b""
             for piece in pieces:
                 wire = dot_stuff(piece)
-                _write(protocol, wire)
-            protocol.write(b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
-            reply = await protocol.read_response(timeout=timeout)
+                await _write(self.conn, wire)
+            await self.conn.write(b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
+            reply = await self.conn.reply()
         except _FAILURES as exc:
             self.broken = True
             return unavailable(_describe(exc))
@@ -264,7 +264,7 @@ class SmtpTransaction:
             raise
         if reply.code == 421:
             self.broken = True
-        return Reply(reply.code, _lines(reply.message))
+        return Reply(reply.code, _lines(reply.text))
 
     async def _fitted(self, message: bytes) -> bytes:
         """The message as this upstream can take it; raises downgrade.Refused if it cannot."""
@@ -277,13 +277,18 @@ class SmtpTransaction:
         return await cpu.run(len(message), downgrade.seven_bit, message)
 
     async def finish(self, *, aborted: bool) -> None:
+        if self._replies is not None and not self._replies.done():
+            self._replies.cancel()  # replies still to come: the connection is out of step
+            self.broken = True
         if self.broken or not self.conn.is_connected:
             self.conn.close()
             return
         if aborted:
             try:
-                await self.conn.rset(timeout=self.upstream.settings.timeout_seconds)
-            except (*_FAILURES, aiosmtplib.SMTPResponseException):
+                reply = await self.conn.command(b"RSET")
+            except _FAILURES:
+                reply = None
+            if reply is None or not reply.ok:
                 self.conn.close()
                 return
         self.upstream._release(self.conn)
@@ -292,12 +297,19 @@ class SmtpTransaction:
 WRITE_CHUNK = 256 * 1024
 
 
-def _write(protocol: aiosmtplib.protocol.SMTPProtocol, data: bytes) -> None:
-    """Write in chunks of a memoryview: on Python 3.11 the transport copies whatever it cannot
-    send at once, and a 30 MB write would first be sliced (one copy) and then buffered (two)."""
+async def _write(conn: client.Connection, data: bytes) -> None:
+    """Write in chunks of a memoryview, each once the socket has taken most of the one before:
+    the transport copies whatever it cannot send at once, and a 30 MB write would be buffered
+    whole."""
     view = memoryview(data)
     for start in range(0, len(view), WRITE_CHUNK):
-        protocol.write(view[start : start + WRITE_CHUNK])
+        await conn.write(view[start : start + WRITE_CHUNK])
+
+
+def _done(reply: Reply) -> asyncio.Future[Reply]:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
 
 
 def dot_stuff(message: bytes) -> bytes:
@@ -316,25 +328,7 @@ def crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
-async def _command(conn: aiosmtplib.SMTP, verb: str, argument: str) -> Reply:
-    """One command as written (aiosmtplib's mail() and rcpt() rewrite addresses and parameters);
-    the reply, whatever its code."""
-    response = await conn.execute_command(verb.encode(), argument.encode("utf-8"))
-    return Reply(response.code, response.message)
-
-
-_FAILURES = (
-    aiosmtplib.SMTPServerDisconnected,
-    aiosmtplib.SMTPConnectError,
-    aiosmtplib.SMTPTimeoutError,
-    aiosmtplib.SMTPConnectResponseError,
-    aiosmtplib.SMTPAuthenticationError,
-    aiosmtplib.SMTPHeloError,
-    aiosmtplib.SMTPNotSupported,
-    TimeoutError,
-    OSError,
-    ssl.SSLError,
-)
+_FAILURES = (ClientError, TimeoutError, OSError, ssl.SSLError)
 
 
 def _mirrored(reply: Reply) -> Reply:
@@ -357,8 +351,6 @@ def _one_line(text: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {_one_line(exc.message)}"
     if isinstance(exc, TimeoutError):
         return "timed out"
     return _one_line(str(exc)) or type(exc).__name__
@@ -422,9 +414,9 @@ class MaildirTransaction:
         self.sender = sender
         self.recipients: list[str] = []
 
-    async def rcpt(self, rcpt: RcptCommand) -> Reply:
+    def rcpt(self, rcpt: RcptCommand) -> asyncio.Future[Reply]:
         self.recipients.append(rcpt.address)
-        return Reply(250, "2.1.5 Ok")
+        return _done(Reply(250, "2.1.5 Ok"))
 
     async def data(self, pieces: Sequence[bytes]) -> Reply:
         try:

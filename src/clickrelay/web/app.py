@@ -202,14 +202,17 @@ TLS_HANDSHAKE_SECONDS = 10.0
 
 
 def limited_site(
-    app_runner: web.BaseRunner, settings: WebSettings, tls: ssl.SSLContext | None = None
-) -> LimitedSite:
-    """The site on `[web] listen` with the `[web]` connection caps (proxies exempt per client)."""
+    app_runner: web.BaseRunner, settings: WebSettings, tls: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
+) -> LimitedSite:  # fmt: skip
+    """The site on `[web] listen` with the `[web]` connection caps (proxies exempt per client);
+    with `reuse_port`, beside other workers'."""
     limits = ConnectionLimits(
         settings.max_connections, settings.max_connections_per_client, settings.trusted_proxies,
         name="web",
     )  # fmt: skip
-    return LimitedSite(app_runner, limits, settings.listen.host, settings.listen.port, tls)
+    host, port = settings.listen.host, settings.listen.port
+    return LimitedSite(app_runner, limits, host, port, tls, reuse_port=reuse_port)
 
 
 class LimitedSite(web.TCPSite):
@@ -224,9 +227,11 @@ class LimitedSite(web.TCPSite):
 
     def __init__(
         self, runner: web.BaseRunner, limits: ConnectionLimits, host: str, port: int,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
     ) -> None:  # fmt: skip
-        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=BACKLOG)
+        super().__init__(
+            runner, host, port, ssl_context=ssl_context, backlog=BACKLOG, reuse_port=reuse_port
+        )
         self._limits = limits
         self._refused: dict[asyncio.BaseTransport, None] = {}  # lingering, oldest first
 
@@ -245,7 +250,7 @@ class LimitedSite(web.TCPSite):
         self._server = await loop.create_server(
             lambda: _Gate(server, self._limits, self._refused),
             self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            ssl_handshake_timeout=handshake,
+            ssl_handshake_timeout=handshake, reuse_port=self._reuse_port,
         )  # fmt: skip
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
