@@ -173,8 +173,9 @@ def can_pin() -> bool:
     return {0, 1} <= ALLOWED_CPUS and shutil.which("taskset") is not None
 
 
-def pinned(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if can_pin() else []
+def pinned(cpus: int | str) -> list[str]:
+    """A command prefix that runs on `cpus` (0, 1 or "0,1")."""
+    return ["taskset", "-c", str(cpus)] if can_pin() else []
 
 
 def free_port() -> int:
@@ -189,22 +190,25 @@ def bench_server(kind: str, upstream_port: int = 0) -> Server:
     return Server(kind, cmd, port)
 
 
-def clickrelay_server(folder: Path, upstream_port: int, storage: str | None = None) -> Server:
-    """clickrelay's SMTP relay with default settings but for its ports and a fresh database
-    (a SQLite file in `folder`, or the [storage] lines `storage`)."""
+def clickrelay_server(
+    folder: Path, upstream_port: int, storage: str | None = None, workers: int = 1,
+    cpus: int | str = 0,
+) -> Server:  # fmt: skip
+    """clickrelay's SMTP relay with default settings but for its ports, its `workers` and a
+    fresh database (a SQLite file in `folder`, or the [storage] lines `storage`), on `cpus`."""
     folder.mkdir(parents=True)
     port = free_port()
     config = folder / "clickrelay.toml"
     if storage is None:
         storage = f'database = "{folder}/clickrelay.sqlite3"'
     config.write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "relay.bench"\n'
+        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "relay.bench"\nworkers = {workers}\n'
         f'[upstream]\nurl = "smtp://127.0.0.1:{upstream_port}"\n'
         f'[web]\npublic_url = "{PUBLIC_URL}"\n'
         f"[storage]\n{storage}\n"
         f'[tracking]\nsecret_file = "{folder}/secret"\n'
     )
-    cmd = [*pinned(0), sys.executable, "-m", "clickrelay", "smtp", "--config", str(config)]
+    cmd = [*pinned(cpus), sys.executable, "-m", "clickrelay", "smtp", "--config", str(config)]
     return Server("clickrelay", cmd, port)
 
 
@@ -304,10 +308,10 @@ PATHS = {  # path -> (what it is, the message it sends)
 }
 
 
-def postfix_sink(port: int, *flags: str) -> Server:
-    """Postfix's smtp-sink on CPU 1 (with the load generator): it throws each message away."""
+def postfix_sink(port: int, *flags: str, cpus: int | str = 1) -> Server:
+    """Postfix's smtp-sink on `cpus` (with the load generator): it throws each message away."""
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    cmd = [*pinned(1), SMTP_SINK, *user, *flags, f"127.0.0.1:{port}", "256"]
+    cmd = [*pinned(cpus), SMTP_SINK, *user, *flags, f"127.0.0.1:{port}", "256"]
     return Server("smtp-sink", cmd, port)
 
 
@@ -324,10 +328,10 @@ class Run:
         return self.messages / self.seconds
 
 
-def source(port: int, message: Path, args) -> tuple[float, bool]:
-    """Postfix's smtp-source on CPU 1: `args.messages` copies of `message` over
+def source(port: int, message: Path, args, cpus: int | str = 1) -> tuple[float, bool]:
+    """Postfix's smtp-source on `cpus`: `args.messages` copies of `message` over
     `args.connections` sessions, each kept for its next message; (seconds, failed)."""
-    cmd = [*pinned(1), SMTP_SOURCE, "-d", "-s", str(args.connections), "-m", str(args.messages),
+    cmd = [*pinned(cpus), SMTP_SOURCE, "-d", "-s", str(args.connections), "-m", str(args.messages),
            "-F", str(message), "-f", "news@example.com", "-t", "r@example.com",
            f"127.0.0.1:{port}"]  # fmt: skip
     start = time.perf_counter()
@@ -444,6 +448,58 @@ def print_throughput(result: dict) -> None:
             f"check, {name}: {c['arrived']}/{c['sent']} arrived, "
             f"{c['with_tracking_links']} with tracking links"
         )
+
+
+# ---------------------------------------------------------------- workers
+
+WORKERS_SESSIONS = 16  # smtp-source sessions: several for each worker
+
+
+async def workers_scaling(args, folder: Path, log: Path) -> dict:
+    """clickrelay with `workers = 2` against `workers = 1`, tracked copies, everything on both
+    CPUs: on two cores the load generator and the sink cannot have a CPU of their own, so
+    they take their share from the relay's (their CPU per message is what the straight path
+    costs, measured above). Interleaved rounds, medians."""
+    tracked = smtp_source_file(folder, "workers.eml", newsletter_message())
+    sink = postfix_sink(free_port(), cpus="0,1").start(log)
+    relays = {n: clickrelay_server(folder / f"workers-{n}", sink.port, workers=n, cpus="0,1")
+              for n in (1, 2)}  # fmt: skip
+    load = argparse.Namespace(messages=args.messages, connections=WORKERS_SESSIONS)
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    try:
+        for relay in relays.values():
+            relay.start(log)
+        await logged(log, "2 workers serving")  # (the first listens before the second starts)
+        for relay in relays.values():
+            source(relay.port, tracked, argparse.Namespace(messages=50, connections=16), "0,1")
+        for r in range(args.rounds):
+            for n, relay in relays.items():
+                seconds, failed = source(relay.port, tracked, load, "0,1")
+                rates[n].append(0.0 if failed else args.messages / seconds)
+                print(f"  workers={n}-{r + 1}  {rates[n][-1]:6.0f} msgs/s", flush=True)
+    finally:
+        for relay in relays.values():
+            relay.stop()
+        sink.stop()
+    ratios = [two / one if one else 0.0 for one, two in zip(rates[1], rates[2], strict=True)]
+    return {"msgs_per_s": {n: statistics.median(r) for n, r in rates.items()},
+            "ratio": statistics.median(ratios), "ratios": ratios}  # fmt: skip
+
+
+async def logged(log: Path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {text!r} in {log}")
+        await asyncio.sleep(0.1)
+
+
+def print_workers(result: dict) -> None:
+    one, two = result["msgs_per_s"][1], result["msgs_per_s"][2]
+    rounds = ", ".join(f"{r:.2f}" for r in result["ratios"])
+    print(f"\nworkers, tracked copies, relay, source and sink sharing both CPUs: 1 worker "
+          f"{one:.0f} msgs/s, 2 workers {two:.0f} msgs/s = {result['ratio']:.2f}x "
+          f"(rounds: {rounds})")  # fmt: skip
 
 
 # ---------------------------------------------------------------- peak memory
@@ -637,6 +693,8 @@ async def bench(args) -> dict:
               flush=True)  # fmt: skip
         result = {"throughput": await throughput(args, folder, log)}
         print_throughput(result["throughput"])
+        result["workers"] = await workers_scaling(args, folder, log)
+        print_workers(result["workers"])
         result["memory"] = await memory(args, folder, log)
         print_memory(result["memory"])
         result["recipients"] = await many_recipients(folder, log)

@@ -165,6 +165,12 @@ def smtp_rows(section: Section, figures: dict) -> None:
             f", relay CPU {p['relay_cpu_ms_per_msg']:.2f} ms/message" if path != "straight" else ""
         )
         section.add(f"{name}: messages/s, MB/s", f"{p['msgs_per_s']:.0f}, {p['mb_per_s']:.1f}{cpu}")
+    workers = figures["workers"]
+    rounds = ", ".join(f"{r:.2f}" for r in workers["ratios"])
+    one, two = workers["msgs_per_s"]["1"], workers["msgs_per_s"]["2"]
+    section.add("tracked messages/s, 2 workers / 1 (relay, smtp-source and smtp-sink sharing "
+                "both CPUs)", f"{workers['ratio']:.2f}x ({two:.0f} vs {one:.0f}; rounds: {rounds})",
+                ">= 1.7", workers["ratio"] >= 1.7)  # fmt: skip
     failed = sum(p["failed_rounds"] for p in throughput["paths"].values())
     section.add("rounds where smtp-source met an unexpected reply", str(failed), "0", failed == 0)
     for name, links_wanted in (("tracked", True), ("untouched", False)):

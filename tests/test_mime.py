@@ -295,3 +295,79 @@ def test_headers_read_as_the_email_package_reads_them(lines, blank):
 
 def test_headers_of_every_entity_read_as_the_email_package_reads_them():
     assert_headers_as_the_email_package_reads_them(ALTERNATIVE)
+
+
+def qp_part(body: bytes, charset: str = "utf-8") -> mime.DecodedPart:
+    raw = (
+        f"Content-Type: text/html; charset={charset}\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    ).encode() + body
+    part = mime.decode(raw, mime.parse(raw))
+    assert part is not None
+    return part
+
+
+def joined(replacement: mime.Replacement) -> bytes:
+    body = replacement.body
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
+def edit(text: str, old: str, new: str) -> tuple[int, int, str]:
+    start = text.index(old)
+    return start, start + len(old), new
+
+
+def test_edited_quoted_printable_keeps_every_line_the_edits_leave():
+    """The lines no edit touches stay as the sender encoded them (soft breaks, lower-case hex,
+    "=20" kept), the touched ones are encoded anew, and the whole decodes to the edited text;
+    a run of lines touched by two edits is encoded once."""
+    lines = [
+        b"<p>Caf=c3=a9 au lait=20",
+        b"<a href=3D'https://a.test/1'>one</a> and <a href=",
+        b"=3D'https://a.test/2'>two</a>",
+        b"soft =",
+        b"break",
+        b"<a href=3D'https://a.test/3'>",
+    ]
+    body = (
+        b"\r\n".join(lines[:3]) + b"\r\n" + lines[3] + b"\r\n" + b"\r\n".join(lines[4:]) + b"\r\n"
+    )
+    part = qp_part(body)
+    edits = [edit(part.text, "https://a.test/1", "https://t.test/X"),
+             edit(part.text, "https://a.test/3", "https://t.test/Z")]  # fmt: skip
+    new = joined(mime.encode_edited(part, edits))
+    expected = mime.edits.apply(part.text, edits)
+    assert quopri.decodestring(new).decode() == expected
+    assert new.startswith(b"<p>Caf=c3=a9 au lait=20\r\n")  # untouched: as written
+    assert b"soft =\r\nbreak\r\n" in new
+    assert b"https://t.test/X" in new and b"https://t.test/Z" in new
+
+
+def test_edited_quoted_printable_that_does_not_line_up_is_encoded_whole():
+    """An encoded line break ("=0A") is a line break of the text, not of the encoding: the lines
+    no longer correspond, and the part is encoded anew as a whole, exactly."""
+    body = b"<p>one=0Atwo</p>\r\n<a href=3D'https://a.test/1'>x</a>\r\n<p>end</p>\r\n"
+    part = qp_part(body)
+    edits = [edit(part.text, "https://a.test/1", "https://t.test/X")]
+    new = joined(mime.encode_edited(part, edits))
+    assert quopri.decodestring(new).decode() == mime.edits.apply(part.text, edits)
+
+
+def test_a_long_stretch_of_kept_lines_is_checked_in_chunks(monkeypatch):
+    """Kept stretches longer than a chunk are compared chunk by chunk, and still exactly: a
+    difference deep in one (a line the text lacks) is found."""
+    monkeypatch.setattr(mime, "VERIFY_CHUNK", 100)
+    filler = b"".join(b"<p>line %d caf=C3=A9</p>\r\n" % n for n in range(200))
+    body = b"<a href=3D'https://a.test/1'>x</a>\r\n" + filler
+    part = qp_part(body)
+    edits = [edit(part.text, "https://a.test/1", "https://t.test/X")]
+    new = joined(mime.encode_edited(part, edits))
+    assert new.endswith(filler)
+    assert quopri.decodestring(new).decode() == mime.edits.apply(part.text, edits)
+    broken = (
+        part.text[: part.text.index("line 150")]
+        + "extra\n"
+        + part.text[part.text.index("line 150") :]
+    )
+    assert not mime._decodes_to(part.body[part.body.tobytes().index(b"<p>line 0"):],
+                                broken[broken.index("<p>line 0"):], "utf-8")  # fmt: skip

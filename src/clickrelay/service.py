@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import resource
@@ -117,6 +118,7 @@ async def serve(settings: Settings, parts: Parts, ready: Callable[[], None] | No
     # Big messages are rewritten in worker threads; the loop (every SMTP session, click and
     # /healthz) gets the interpreter back from them within a millisecond, not Python's 5 ms.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    return_big_buffers()
     settings = fit_caps(settings, parts, raise_file_limit())
     async with running(settings, parts):
         if ready is not None:
@@ -261,6 +263,25 @@ def _tls_context(section: str, cert: Path | None, key: Path | None) -> ssl.SSLCo
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"{section}.tls_key", f"cannot load {cert} / {key}: {exc}") from None
     return context
+
+
+# ---------------------------------------------------------------- memory
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+BIG_BUFFER = 1 << 20  # bytes
+
+
+def return_big_buffers() -> None:
+    """Buffers of BIG_BUFFER bytes or more (a big message, its decoded part) are mapped from
+    the kernel and given back when freed. glibc otherwise raises that threshold after each big
+    free, up to 32 MiB, and keeps what was freed in its heap: the peak of one 30 MB message
+    would stay the process's size, and the next one's would come on top of it. (Not glibc:
+    left as it is.)"""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, BIG_BUFFER)
 
 
 # ---------------------------------------------------------------- file descriptors

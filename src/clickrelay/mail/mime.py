@@ -21,6 +21,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 
 from clickrelay.mail import edits
+from clickrelay.mail.edits import apply as apply_edits
 from clickrelay.mail.headers import HeaderBlock, parse_header_block
 
 MAX_DEPTH = 20  # deeper nesting than this is left unparsed (treated as an opaque leaf)
@@ -203,12 +204,12 @@ class DecodedPart:
     encoding: str  # the Content-Transfer-Encoding, lower-case ("" when absent)
     eol: bytes
     trailing: bytes  # whitespace after the last base64 line, kept as it was
-    body: bytes  # the body as it is in the message (transfer-encoded)
+    body: memoryview  # the body as it is in the message (transfer-encoded), in the message
 
 
 def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
     """Decode an entity's body to text, or None if that cannot be done exactly."""
-    body = raw[entity.body_start : entity.end]
+    body = memoryview(raw)[entity.body_start : entity.end]  # (a view: no copy of a big part)
     encoding = entity.transfer_encoding
     try:
         if encoding in IDENTITY:
@@ -225,23 +226,33 @@ def decode(raw: bytes, entity: Entity) -> DecodedPart | None:
     if charset is None:
         return None
     try:
-        text = data.decode(charset)
+        text = str(data, charset)  # (data may be a view of the message)
         # e.g. non-canonical escape sequences: not exact. Strict UTF-8, ASCII and Latin-1 decode
         # only what they would encode again, byte for byte: no need to check (or to pay for it).
         if charset not in _ROUND_TRIP_CODECS and text.encode(charset) != data:
             return None
     except (UnicodeError, LookupError):
         return None
-    eol = b"\r\n" if b"\r\n" in body[:4096] or b"\n" not in body else b"\n"
-    trailing = body[len(body.rstrip()) :]
-    return DecodedPart(entity, text, charset, encoding, eol, trailing, body)
+    start, end = entity.body_start, entity.end
+    crlf = raw.find(b"\r\n", start, min(end, start + 4096)) >= 0
+    eol = b"\r\n" if crlf or raw.find(b"\n", start, end) < 0 else b"\n"
+    return DecodedPart(entity, text, charset, encoding, eol, _trailing(raw, start, end), body)
 
 
-def _charset(entity: Entity, data: bytes) -> str | None:
+def _trailing(raw: bytes, start: int, end: int) -> bytes:
+    """The whitespace that ends raw[start:end] (as bytes.rstrip strips it)."""
+    tail = raw[max(start, end - 4096) : end]
+    kept = len(tail.rstrip())
+    if kept or end - start <= len(tail):
+        return tail[kept:]
+    return raw[start:end][len(raw[start:end].rstrip()) :]  # whitespace all the way back
+
+
+def _charset(entity: Entity, data: bytes | memoryview) -> str | None:
     declared = _content_charset(entity.headers)
     if declared is None:  # undeclared: UTF-8 if it is that, else byte-transparent Latin-1
         try:
-            data.decode("utf-8")
+            str(data, "utf-8")
             return "utf-8"
         except UnicodeDecodeError:
             return "iso8859-1"  # codecs.lookup("latin-1").name
@@ -272,33 +283,39 @@ def _charset_parameter(content_type: str) -> str | None:
 @dataclass(frozen=True)
 class Replacement:
     entity: Entity
-    body: bytes
+    # The new body, or its consecutive pieces (joined only into the message, by `splice`).
+    body: bytes | tuple[bytes | memoryview, ...]
     encoding_header: bytes | None  # a new Content-Transfer-Encoding field, when it had to change
 
 
 Edit = tuple[int, int, str]  # text[start:end] becomes the new text
 
 
-def encode(part: DecodedPart, text: str, edits: Sequence[Edit] = ()) -> Replacement:
-    """Encode changed text like the original part (7bit/8bit with over-long lines: as QP).
-
-    `edits`, when given, are the edits of `part.text` that made `text` (in order, as
-    `links.edits` makes them): a quoted-printable part then keeps the encoded lines they leave.
-    """
+def encode(part: DecodedPart, text: str) -> Replacement:
+    """`text`, the part's changed, encoded like the original part (7bit/8bit with over-long
+    lines: as quoted-printable)."""
     data = text.encode(part.charset)
     if part.encoding == "base64":
         return Replacement(part.entity, _base64(data, part.eol) + part.trailing, None)
     if part.encoding == "quoted-printable":
         textual = _ascii_line_breaks(part.charset)
-        body = _requoted(part, text, data, edits) if edits and textual else None
-        return Replacement(
-            part.entity, quoted_printable(data, textual) if body is None else body, None
-        )
+        return Replacement(part.entity, quoted_printable(data, textual), None)
     if part.encoding != "binary" and _longest_line(data) > MAX_LINE:
         header = b"Content-Transfer-Encoding: quoted-printable" + part.eol
         textual = _ascii_line_breaks(part.charset)
         return Replacement(part.entity, quoted_printable(data, textual), header)
     return Replacement(part.entity, data, None)
+
+
+def encode_edited(part: DecodedPart, edits: Sequence[Edit]) -> Replacement:
+    """The part with `edits` of its text made (in order, not overlapping, as `links.edits`
+    makes them), encoded like the original. A quoted-printable part keeps the encoded lines the
+    edits leave, and is made run of lines by run of lines (see `_requoted`)."""
+    if edits and part.encoding == "quoted-printable" and _ascii_line_breaks(part.charset):
+        body = _requoted(part, edits)
+        if body is not None:
+            return Replacement(part.entity, body, None)
+    return encode(part, apply_edits(part.text, edits))
 
 
 def _ascii_line_breaks(charset: str) -> bool:
@@ -332,59 +349,133 @@ def _crlf_soft_breaks(encoded: bytes) -> bytes:
     return encoded.replace(b"=\n", b"=\r\n")
 
 
-# A line break that is not a soft one (the "=" of "=\r\n" or "=\n" hides the break from the text).
-_HARD_LINE_BREAK = re.compile(rb"\n(?<!=\n)(?<!=\r\n)")
-
-
-def _requoted(part: DecodedPart, text: str, data: bytes, edits: Sequence[Edit]) -> bytes | None:
-    """`data` quoted-printable: b2a_qp for the lines the edits touched, the part's own encoded
-    lines for all others; None if that does not decode back to `data` exactly.
+def _requoted(part: DecodedPart, edits: Sequence[Edit]) -> tuple[bytes | memoryview, ...] | None:
+    """The edited part quoted-printable: b2a_qp for the lines the edits touched, the part's own
+    encoded lines for all others; None if those do not decode to the text's lines exactly.
 
     b2a_qp costs some 80 instructions a byte, more than anything else in a rewrite, while a
     rewrite touches few lines (and every line left as the sender encoded it is bytes kept). In
     well-formed quoted-printable the encoded lines, split at the line breaks that are not soft,
     decode one to one to the lines of the text; and edits of href values and attributes seldom
-    add or remove a line break. Rather than trust either, the result is decoded again.
+    add or remove a line break. Rather than trust either, each stretch of lines kept is decoded
+    again and compared. Nothing here copies the whole text or its encoding: the result is the
+    one copy, made by `splice`, in pieces until then (a 30 MB part costs little more than
+    itself).
     """
-    encoded = _HARD_LINE_BREAK.split(part.body)
-    pieces: list[bytes] = []
-    kept = 0  # the encoded lines before this one are in pieces
-    for first, last, start, end in _touched_lines(text, edits):
-        if last >= len(encoded):
+    text, charset = part.text, part.charset
+    lines = _EncodedLines(part.body)
+    pieces: list[bytes | memoryview] = []  # lines (or runs of them) to join with "\n"
+    kept_line, kept_text = 0, 0  # the first line not in pieces yet, and where it starts in text
+    for first, last, start, end, run_edits in _touched_runs(text, edits):
+        if first > kept_line:
+            stretch = lines.between(kept_line, first)
+            if stretch is None or not _decodes_to(stretch, text[kept_text : start - 1], charset):
+                return None
+            pieces.append(stretch)
+        if lines.start(last) is None:  # more lines of text than encoded ones
             return None
-        pieces += encoded[kept:first]
         # With a "\n" after it, so that its CRLF end is one: it comes off again, as the lines
         # are joined with it.
-        lines = text[start:end].encode(part.charset) + b"\n"
-        pieces.append(quoted_printable(lines, textual=True)[:-1])
-        kept = last + 1
-    pieces += encoded[kept:]
-    result = b"\n".join(pieces)
-    return result if binascii.a2b_qp(result) == data else None
+        shifted = [(a - start, b - start, new) for a, b, new in run_edits]
+        edited = apply_edits(text[start:end], shifted)
+        pieces.append(quoted_printable(edited.encode(charset) + b"\n", textual=True)[:-1])
+        kept_line, kept_text = last + 1, end + 1
+    stretch = lines.between(kept_line, None)
+    if stretch is not None:
+        if not _decodes_to(stretch, text[kept_text:], charset):
+            return None
+        pieces.append(stretch)
+    joined: list[bytes | memoryview] = pieces[:1]
+    for piece in pieces[1:]:
+        joined += (b"\n", piece)
+    return tuple(joined)
 
 
-def _touched_lines(text: str, edits: Sequence[Edit]) -> Iterator[tuple[int, int, int, int]]:
-    """The runs of lines of `text` (edited) that hold what the edits wrote or removed: each as
-    its first and last line number, and its start and end in `text` (without a final "\n")."""
-    shift = 0  # how much longer the edited text is, up to the current edit
+# A line break that is not a soft one (the "=" of "=\r\n" or "=\n" hides the break from the text).
+_HARD_LINE_BREAK = re.compile(rb"\n(?<!=\n)(?<!=\r\n)")
+VERIFY_CHUNK = 1 << 20  # characters of text decoded and compared at a time
+
+
+class _EncodedLines:
+    """A quoted-printable body's lines, split at the line breaks that are not soft: found as
+    they are asked for, in order, never split into a list."""
+
+    def __init__(self, body: memoryview) -> None:
+        self.body = body
+        self._breaks = _HARD_LINE_BREAK.finditer(body)
+        self._line, self._start = 0, 0  # the latest line found, and where it starts
+
+    def start(self, line: int) -> int | None:
+        """Where `line` starts (None: the body has fewer lines); asked in order."""
+        assert line >= self._line, "lines are found in order"
+        while self._line < line:
+            found = next(self._breaks, None)
+            if found is None:
+                return None
+            self._line, self._start = self._line + 1, found.end()
+        return self._start
+
+    def between(self, first: int, end: int | None) -> memoryview | None:
+        """Lines first..end-1 (to the last with None), without the line break after them;
+        None if the body has no line `first`."""
+        start = self.start(first)
+        if start is None:
+            return None
+        stop = None if end is None else self.start(end)
+        return self.body[start : len(self.body) if stop is None else stop - 1]
+
+
+def _decodes_to(encoded: memoryview, text: str, charset: str) -> bool:
+    """Whether quoted-printable lines decode to `text` exactly; compared in chunks of whole
+    lines, so that a long stretch is never decoded or encoded whole."""
+    text_at, encoded_at = 0, 0
+    while True:
+        cut = text.find("\n", text_at + VERIFY_CHUNK)
+        if cut < 0:  # the rest at once
+            return binascii.a2b_qp(encoded[encoded_at:]) == text[text_at:].encode(charset)
+        stop = _nth_hard_break(encoded, encoded_at, text.count("\n", text_at, cut + 1))
+        if stop < 0:
+            return False
+        if binascii.a2b_qp(encoded[encoded_at : stop + 1]) != text[text_at : cut + 1].encode(
+            charset
+        ):
+            return False
+        text_at, encoded_at = cut + 1, stop + 1
+
+
+def _nth_hard_break(encoded: memoryview, pos: int, n: int) -> int:
+    """Where the n-th line break that is not soft after `pos` is (-1 if there are fewer)."""
+    found = -1
+    for found_n, match in enumerate(_HARD_LINE_BREAK.finditer(encoded, pos), 1):
+        if found_n == n:
+            found = match.start()
+            break
+    return found
+
+
+def _touched_runs(
+    text: str, edits: Sequence[Edit]
+) -> Iterator[tuple[int, int, int, int, list[Edit]]]:
+    """The runs of lines of `text` that the edits change: each as its first and last line
+    number, its start and end in `text` (the end at the "\n" of its last line, or the end of
+    the text) and its edits."""
     line, counted = 0, 0  # text[:counted] holds `line` line breaks
-    run: tuple[int, int] | None = None
-    for old_start, old_end, new in edits:
-        start = old_start + shift
-        shift += len(new) - (old_end - old_start)
-        end = text.find("\n", start + len(new))
+    run: tuple[int, int, list[Edit]] | None = None
+    for edit in edits:
+        start = text.rfind("\n", 0, edit[0]) + 1
+        end = text.find("\n", edit[1])
         end = len(text) if end < 0 else end
         if run is not None and start <= run[1]:  # on a line of the run
-            run = (run[0], max(run[1], end))
+            run = (run[0], max(run[1], end), [*run[2], edit])
             continue
         if run is not None:
             line += text.count("\n", counted, run[0])
             counted = run[0]
-            yield line, line + text.count("\n", run[0], run[1]), run[0], run[1]
-        run = (text.rfind("\n", 0, start) + 1, end)
+            yield line, line + text.count("\n", run[0], run[1]), *run
+        run = (start, end, [edit])
     if run is not None:
         line += text.count("\n", counted, run[0])
-        yield line, line + text.count("\n", run[0], run[1]), run[0], run[1]
+        yield line, line + text.count("\n", run[0], run[1]), *run
 
 
 def _base64(data: bytes, eol: bytes) -> bytes:
@@ -401,7 +492,9 @@ def splice(
 ) -> bytes:
     """`raw` with each replaced entity's body (and, where given, its transfer-encoding field),
     and without the byte ranges in `removals` (the control header fields)."""
-    changes: list[tuple[int, int, bytes]] = [(start, end, b"") for start, end in removals]
+    changes: list[tuple[int, int, bytes | tuple[bytes | memoryview, ...]]] = [
+        (start, end, b"") for start, end in removals
+    ]
     for rep in replacements:
         if rep.encoding_header is not None:
             changes.append(encoding_header_edit(raw, rep.entity, rep.encoding_header))

@@ -58,11 +58,9 @@ class PartPlan:
                 places.append(None)
         return places
 
-    def rewritten(
-        self, tracking_url: TrackingURL, pixel_url: str | None = None
-    ) -> tuple[str, list[links.Edit]]:
-        """The part's text with tracked URLs replaced, the attributes meant for clickrelay
-        (opt-out, label) removed and, given its URL, the open pixel put in (HTML); the edits."""
+    def edits(self, tracking_url: TrackingURL, pixel_url: str | None = None) -> list[links.Edit]:
+        """The edits of the part's text that replace tracked URLs, remove the attributes meant
+        for clickrelay (opt-out, label) and, given its URL, put the open pixel in (HTML)."""
         text = self.decoded.text
         places = self.placements()
         edits = _SPLICERS[self.kind](
@@ -74,7 +72,7 @@ class PartPlan:
         )
         if pixel_url is not None and self.kind is Kind.HTML:
             edits = sorted([*edits, pixel_edit(text, pixel_url)])
-        return links.apply_edits(text, edits), edits
+        return edits
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,9 @@ class RewritePlan:
         for part in self.parts:
             if not part.changes(pixel_url):
                 continue  # nothing to do: keep the part's bytes, do not re-encode
-            replacements.append(mime.encode(part.decoded, *part.rewritten(tracking_url, pixel_url)))
+            replacements.append(
+                mime.encode_edited(part.decoded, part.edits(tracking_url, pixel_url))
+            )
         return mime.splice(self.message, replacements, removals)
 
 
