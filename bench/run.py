@@ -237,12 +237,19 @@ def redirect_rows(section: Section) -> None:
         unparsed(section, "redirect figures")
         return
     rps, p99 = float(ratios[0]), float(ratios[1])
-    section.add("requests/s, clickrelay / bare aiohttp", f"{rps:.2f}x", ">= 0.6", rps >= 0.6)
+    section.add("requests/s, clickrelay / bare aiohttp", f"{rps:.2f}x", ">= 0.9", rps >= 0.9)
     section.add("p99 latency, clickrelay / bare aiohttp", f"{p99:.2f}x", "<= 1.5", p99 <= 1.5)
     for name, figures in (("clickrelay (durable clicks)", ours), ("bare aiohttp 302", bare)):
         section.add(f"{name}: req/s, p50, p99", f"{figures[0]}, {figures[1]} ms, {figures[2]} ms")
     section.add("answers other than 302 (clickrelay)", ours[3], "0", ours[3] == "0")
     section.add("clicks stored", ratios[2])
+    workers = grab(r"^workers.*?1 worker (\d+) req/s, 2 workers (\d+) req/s = ([\d.]+)x", text)
+    if workers is None:
+        unparsed(section, "web workers")
+        return
+    section.add("req/s, 2 web workers / 1 (nodes and wrk sharing both CPUs)",
+                f"{workers[2]}x ({workers[1]} vs {workers[0]})", ">= 1.7",
+                float(workers[2]) >= 1.7)  # fmt: skip
 
 
 def postgres_rows(section: Section, figures: dict) -> None:
