@@ -385,7 +385,7 @@ async def smtp_throughput(bench: Bench) -> dict:
     }
     started = [sink]
     counts = argparse.Namespace(messages=args.messages, connections=args.smtp_connections)
-    runs: dict[str, list[smtp.Run]] = {key: [] for key in relays}
+    runs: dict[str, list[smtp.ClientRun]] = {key: [] for key in relays}
     try:
         for relay in relays.values():
             started.append(relay.start(log))
@@ -395,7 +395,7 @@ async def smtp_throughput(bench: Bench) -> dict:
         for r in range(args.rounds):
             for key, relay in relays.items():
                 pg_before, busy_before = bench.pg.cpu_seconds(), busy_seconds({0})
-                run = await smtp.measure(key, relay, [sink], sink.port, payload, counts,
+                run = await smtp.measure_client(key, relay, [sink], sink.port, payload, counts,
                                          f"{key}-{r + 1}")  # fmt: skip
                 run.cpu_ms["postgres"] = (bench.pg.cpu_seconds() - pg_before) * 1e3 / args.messages
                 if can_pin():  # what else ran on CPU 0 meanwhile

@@ -291,6 +291,69 @@ class Client:
         await self.writer.wait_closed()
 
 
+async def client_session(port: int, ids: range, payload: bytes, tag: str) -> int:
+    session = await Client.open(port)
+    for i in ids:
+        await session.send(i, payload, copy_headers(tag, i))
+    await session.close()
+    return session.bad
+
+
+async def blast(port: int, copies: int, connections: int, payload: bytes, tag: str) -> tuple:
+    """Send `copies` copies over `connections` sessions; (seconds, unexpected replies)."""
+    sessions = [
+        client_session(port, range(k, copies, connections), payload, tag)
+        for k in range(connections)
+    ]
+    start = time.perf_counter()
+    bad = await asyncio.wait_for(asyncio.gather(*sessions), ROUND_TIMEOUT)
+    return time.perf_counter() - start, sum(bad)
+
+
+async def sink_stats(port: int) -> tuple[int, int, int]:
+    """(messages, octets, messages with a tracking link) the sink has received so far."""
+    session = await Client.open(port)
+    line = await session.command(b"VRFY <stats@sink.bench>\r\n", 252)
+    await session.close()
+    messages, octets, tracked = map(int, line.split()[1:4])
+    return messages, octets, tracked
+
+
+@dataclass
+class ClientRun:
+    """A run of the Python client against the aiosmtpd sink (bench_postgres.py's SMTP part)."""
+
+    path: str
+    seconds: float
+    messages: int
+    megabytes: float
+    bad: int
+    delivered: int
+    rewritten: int
+    cpu_ms: dict[str, float]  # server process -> CPU ms per message
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+async def measure_client(path: str, server: Server, others: list[Server], sink_port: int,
+                  payload: bytes, args, tag: str) -> ClientRun:  # fmt: skip
+    """One path's run; CPU is counted for `server` and `others` (the sink behind a relay)."""
+    measured = [server, *others]
+    before_stats = await sink_stats(sink_port)
+    before_cpu = [cpu_seconds(s.pid) for s in measured]
+    seconds, bad = await blast(server.port, args.messages, args.connections, payload, tag)
+    cpu = {s.name: (cpu_seconds(s.pid) - b) * 1e3 / args.messages
+           for s, b in zip(measured, before_cpu, strict=True)}  # fmt: skip
+    after_stats = await sink_stats(sink_port)
+    delivered, octets, rewritten = (a - b for a, b in zip(after_stats, before_stats, strict=True))
+    run = ClientRun(path, seconds, args.messages, octets / 1e6, bad, delivered, rewritten, cpu)
+    print(f"  {tag:10} {run.rate:6.0f} msgs/s {run.megabytes / seconds:6.1f} MB/s  bad replies "
+          f"{bad}  delivered {delivered}  rewritten {rewritten}", flush=True)  # fmt: skip
+    return run
+
+
 # ---------------------------------------------------------------- throughput
 
 SMTP_SOURCE, SMTP_SINK = "/usr/sbin/smtp-source", "/usr/sbin/smtp-sink"
