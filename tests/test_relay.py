@@ -147,6 +147,41 @@ async def test_upstream_stall_past_timeout_gives_451_in_time(upstream, settings)
     assert elapsed < 5
 
 
+async def test_an_upstream_that_stops_reading_the_message_gives_451_in_time(settings):
+    """The upstream says 354 and then reads nothing: once the socket buffers are full, the
+    relay's writes wait at most the upstream timeout, and the sender gets 451."""
+    held = []
+
+    async def stops_reading(reader, writer):
+        held.append(writer)
+        writer.write(b"220 mute.test ESMTP\r\n")
+        for reply in (b"250 mute.test", b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 Go ahead"):
+            await reader.readuntil(b"\r\n")
+            writer.write(reply + b"\r\n")
+        # and nothing is read from here on
+
+    server = await asyncio.start_server(stops_reading, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = replace(
+        settings,
+        upstream=replace(settings.upstream, url=replace(settings.upstream.url, port=port),
+                         timeout_seconds=1.0),
+    )  # fmt: skip
+    big = message(body=("x" * 998 + "\r\n") * 25_000)  # 25 MB: more than the socket buffers
+    try:
+        async with start_relay(settings) as relay:
+            client = await RawClient.connect(relay.port)
+            started = time.monotonic()
+            replies = await client.send("s@x.test", ["r@x.test"], big, timeout=30)
+            elapsed = time.monotonic() - started
+            await client.close()
+    finally:
+        server.close()
+    assert replies[-1].startswith("451 "), replies[-1]
+    assert "timed out" in replies[-1]
+    assert elapsed < 15
+
+
 async def test_upstream_vanishing_mid_data_gives_451(upstream, relay):
     upstream.script.data_delay = 30
     client = await RawClient.connect(relay.port)

@@ -99,10 +99,11 @@ class Connection:
         return line.rstrip(b"\r\n")
 
     async def write(self, data: bytes | memoryview) -> None:
-        """Write `data` and wait while the socket is behind (a big message is never buffered
-        whole a second time)."""
+        """Write `data` and wait (within `timeout`) while the socket is behind: a big message
+        is never buffered whole a second time, and an upstream that stops reading times out."""
         self._writer.write(data)
-        await self._writer.drain()
+        async with asyncio.timeout(self.timeout):
+            await self._writer.drain()
 
     def close(self) -> None:
         self._writer.close()
