@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import email
 import quopri
 
@@ -371,3 +372,52 @@ def test_a_long_stretch_of_kept_lines_is_checked_in_chunks(monkeypatch):
     )
     assert not mime._decodes_to(part.body[part.body.tobytes().index(b"<p>line 0"):],
                                 broken[broken.index("<p>line 0"):], "utf-8")  # fmt: skip
+
+
+def test_an_edit_on_the_last_line_with_no_line_break_after_it():
+    """The body's last line has no line break (the boundary's CRLF is not the part's), and is
+    joined to the one before it by a soft break (found by tests/test_reliability.py's fuzzer)."""
+    body = (
+        b'<v:roundrect href=3D"https://example.com/a/0?id=3D0&utm=3Dmail#f" style=3D"=\r\n'
+        b'width:200px"><w:anchorlock/>'
+    )
+    part = qp_part(body)
+    edits = [edit(part.text, "https://example.com/a/0?id=0&utm=mail#f", "https://t.test/X")]
+    new = joined(mime.encode_edited(part, edits))
+    assert quopri.decodestring(new).decode() == mime.edits.apply(part.text, edits)
+    assert not new.endswith(b"\r\n")
+
+
+QP_LINES = st.lists(
+    st.sampled_from([
+        b"<p>plain</p>", b"caf=C3=A9", b"soft =", b"=3D'x'", b"", b"trailing  ", b"tab\t",
+        b"<a href=3D'https://a.test/1'>one</a>", b"=0A", b"=0D=0A", b"bad=ZZ", b"=", b"x=20",
+    ]),
+    min_size=1, max_size=12,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=QP_LINES, eol=st.sampled_from([b"\r\n", b"\n"]), final=st.booleans(),
+       cuts=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 6), st.text("xy\n", max_size=3)),
+                     max_size=4))  # fmt: skip
+def test_edited_quoted_printable_always_decodes_to_the_edited_text(lines, eol, final, cuts):
+    """Whatever the encoded lines (soft breaks, encoded line breaks, broken escapes, trailing
+    whitespace, no final line break) and wherever the edits fall, the part decodes to the
+    edited text exactly: re-encoded run by run where the lines correspond, whole where not."""
+    body = eol.join(lines) + (eol if final else b"")
+    raw = (b"Content-Type: text/html; charset=utf-8\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n") + body  # fmt: skip
+    part = mime.decode(raw, mime.parse(raw))
+    if part is None:
+        return
+    edits, pos = [], 0
+    for offset, length, new in cuts:
+        start = min(pos + offset, len(part.text))
+        end = min(start + length, len(part.text))
+        edits.append((start, end, new))
+        pos = end
+    edits = [e for i, e in enumerate(edits) if i == 0 or e[0] >= edits[i - 1][1]]
+    expected = mime.edits.apply(part.text, edits).encode("utf-8")
+    new = joined(mime.encode_edited(part, edits))
+    assert binascii.a2b_qp(new) == expected

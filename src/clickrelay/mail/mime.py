@@ -374,21 +374,36 @@ def _requoted(part: DecodedPart, edits: Sequence[Edit]) -> tuple[bytes | memoryv
             pieces.append(stretch)
         if lines.start(last) is None:  # more lines of text than encoded ones
             return None
-        # With a "\n" after it, so that its CRLF end is one: it comes off again, as the lines
-        # are joined with it.
         shifted = [(a - start, b - start, new) for a, b, new in run_edits]
-        edited = apply_edits(text[start:end], shifted)
-        pieces.append(quoted_printable(edited.encode(charset) + b"\n", textual=True)[:-1])
+        run = _encoded_run(apply_edits(text[start:end], shifted).encode(charset), end < len(text))
+        if run is None:
+            return None
+        pieces.append(run)
         kept_line, kept_text = last + 1, end + 1
     stretch = lines.between(kept_line, None)
-    if stretch is not None:
-        if not _decodes_to(stretch, text[kept_text:], charset):
+    if stretch is None:
+        if kept_text <= len(text):  # a line of text after the last run, none encoded
             return None
+    elif _decodes_to(stretch, text[kept_text:], charset):
         pieces.append(stretch)
+    else:
+        return None
     joined: list[bytes | memoryview] = pieces[:1]
     for piece in pieces[1:]:
         joined += (b"\n", piece)
     return tuple(joined)
+
+
+def _encoded_run(data: bytes, line_break_after: bool) -> bytes | None:
+    """Edited lines quoted-printable, without the line break after them (the lines are joined
+    with it); None if that does not decode back to `data` exactly."""
+    if line_break_after:  # with its "\n", so that a CRLF end is one; it comes off again
+        encoded = quoted_printable(data + b"\n", textual=True)[:-1]
+        exact = binascii.a2b_qp(encoded + b"\n") == data + b"\n"
+    else:  # the body's last line, with no line break after it
+        encoded = quoted_printable(data, textual=True)
+        exact = binascii.a2b_qp(encoded) == data
+    return encoded if exact else None
 
 
 # A line break that is not a soft one (the "=" of "=\r\n" or "=\n" hides the break from the text).
