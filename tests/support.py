@@ -181,6 +181,13 @@ class ScriptedUpstream:
         return f"250 2.0.0 Ok: queued as Q{len(self.received)}"
 
 
+def upstream_on(settings: Settings, port: int, timeout_seconds: float) -> Settings:
+    """`settings` relaying to the upstream a test serves itself on `port`."""
+    upstream = settings.upstream
+    url = replace(upstream.url, port=port)
+    return replace(settings, upstream=replace(upstream, url=url, timeout_seconds=timeout_seconds))
+
+
 def relay_settings(tmp_path: Path, upstream_port: int, **smtp_changes) -> Settings:
     """Settings for a relay on an ephemeral loopback port in front of the scripted upstream."""
     return Settings(

@@ -21,6 +21,7 @@ from support import (
     relay_settings,
     send,
     start_relay,
+    upstream_on,
 )
 
 
@@ -162,11 +163,7 @@ async def test_an_upstream_that_stops_reading_the_message_gives_451_in_time(sett
 
     server = await asyncio.start_server(stops_reading, LOOPBACK, 0)
     port = server.sockets[0].getsockname()[1]
-    settings = replace(
-        settings,
-        upstream=replace(settings.upstream, url=replace(settings.upstream.url, port=port),
-                         timeout_seconds=1.0),
-    )  # fmt: skip
+    settings = upstream_on(settings, port, timeout_seconds=1.0)
     big = message(body=("x" * 998 + "\r\n") * 25_000)  # 25 MB: more than the socket buffers
     try:
         async with start_relay(settings) as relay:

@@ -15,7 +15,7 @@ import pytest
 
 from clickrelay.passwords import hash_password
 
-from support import RawClient, message, send, start_relay
+from support import RawClient, message, send, start_relay, upstream_on
 
 STRANGER = "127.0.0.2"  # not in allowed_clients below: the per-client cap applies to it
 
@@ -188,11 +188,7 @@ async def test_ehlo_does_not_wait_for_an_upstream_that_never_answers(settings):
 
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    settings = replace(
-        settings,
-        upstream=replace(settings.upstream, url=replace(settings.upstream.url, port=port),
-                         timeout_seconds=30),
-    )  # fmt: skip
+    settings = upstream_on(settings, port, timeout_seconds=30)
     async with start_relay(settings) as relay:
         client = await RawClient.connect(relay.port)
         started = time.monotonic()

@@ -245,7 +245,8 @@ def _trailing(raw: bytes, start: int, end: int) -> bytes:
     kept = len(tail.rstrip())
     if kept or end - start <= len(tail):
         return tail[kept:]
-    return raw[start:end][len(raw[start:end].rstrip()) :]  # whitespace all the way back
+    whole = raw[start:end]  # whitespace all the way back
+    return whole[len(whole.rstrip()) :]
 
 
 def _charset(entity: Entity, data: bytes | memoryview) -> str | None:
